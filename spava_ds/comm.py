@@ -1,0 +1,59 @@
+"""The few collectives Spava needs, and the process-group helpers."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SPAVA_DIST_TIMEOUT", "600")))
+
+
+def group_rank_size(group: Optional[dist.ProcessGroup] = None) -> Tuple[int, int]:
+    """(rank, world size) in ``group``; a process without torch.distributed is rank 0 of 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise RuntimeError("a process group was given but torch.distributed is not initialized")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def init_distributed(backend: Optional[str] = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Tuple[int, int]:
+    """Initialise the default group from torchrun's / the deepspeed launcher's environment, with a timeout.
+
+    The backend defaults to NCCL when CUDA is available, gloo otherwise. Returns (rank, world size).
+    """
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class PendingGather:
+    """An all-gather in flight; ``wait()`` returns the gathered ``[W, *shape]`` tensor."""
+
+    def __init__(self, out: torch.Tensor, work):
+        self._out, self._work = out, work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._out
+
+
+def all_gather_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_size: int,
+                     async_op: bool = True) -> PendingGather:
+    """Start gathering ``x`` (same shape on every rank) from all ranks of ``group`` into one ``[W, *shape]``."""
+    x = x.contiguous()
+    if world_size == 1:
+        return PendingGather(x.unsqueeze(0), None)
+    out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
+    work = dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
+    return PendingGather(out.view((world_size,) + tuple(x.shape)), work if async_op else None)

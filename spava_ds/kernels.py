@@ -1,0 +1,127 @@
+"""Local attention that also returns the log-sum-exp (LSE), per backend, and the LSE merge.
+
+Every backend computes, for q ``[b, sq, Hq, d]`` and k, v ``[b, sk, Hkv, d]`` (GQA: query head n uses KV head
+n // (Hq / Hkv)), ``out [b, sq, Hq, d]`` in q's dtype and ``lse [b, Hq, sq]`` in fp32 (natural log). ``causal``
+is only used on square pieces (sq == sk), where every convention agrees. Pieces of one row set over disjoint key
+sets are combined exactly by ``merge``.
+
+Backends: ``math`` (plain PyTorch, fp32 accumulation, any device), ``cpu_flash`` (aten's flash kernel for CPU,
+native GQA), ``cudnn`` and ``sdpa_flash`` (the SDPA ops that return the LSE on CUDA), ``flash_attn`` (the
+flash-attn package, when installed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+AttnOut = Tuple[torch.Tensor, torch.Tensor]
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def auto_backend(device: torch.device) -> str:
+    """The fastest measured backend for a device (see docs/benchmarks.md)."""
+    if device.type == "cpu":
+        return "cpu_flash"
+    if device.type == "cuda":
+        if flash_attn_available():
+            return "flash_attn"
+        if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device) >= (8, 0):
+            return "cudnn"
+        return "sdpa_flash"
+    return "math"
+
+
+def _math(q, k, v, causal, scale) -> AttnOut:
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(acc).view(b, sq, hkv, hq // hkv, d)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
+    if causal:
+        mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(scores - lse.unsqueeze(-1)), v.to(acc))
+    return out.reshape(b, sq, hq, d).to(q.dtype), lse.reshape(b, hq, sq).float()
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[b, s, Hkv, d] -> [b, Hq, s, d] for kernels without native GQA."""
+    g = hq // x.shape[2]
+    return _bhsd(x) if g == 1 else _bhsd(x).repeat_interleave(g, dim=1)
+
+
+def _cpu_flash(q, k, v, causal, scale) -> AttnOut:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
+    return _bhsd(out), lse.float()
+
+
+def _cudnn(q, k, v, causal, scale) -> AttnOut:
+    hq = q.shape[2]
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _bhsd(q), _expand_kv(k, hq), _expand_kv(v, hq), None, True, 0.0, causal, False, scale=scale)
+    out, lse = res[0], res[1]
+    return _bhsd(out), lse.reshape(q.shape[0], hq, q.shape[1]).float()
+
+
+def _sdpa_flash(q, k, v, causal, scale) -> AttnOut:
+    hq = q.shape[2]
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        _bhsd(q), _expand_kv(k, hq), _expand_kv(v, hq), 0.0, causal, False, scale=scale)
+    return _bhsd(res[0]), res[1].reshape(q.shape[0], hq, q.shape[1]).float()
+
+
+def _flash_attn(q, k, v, causal, scale) -> AttnOut:
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, return_attn_probs=True)
+    return out, lse.float()
+
+
+_BACKENDS = {"math": _math, "cpu_flash": _cpu_flash, "cudnn": _cudnn, "sdpa_flash": _sdpa_flash,
+             "flash_attn": _flash_attn}
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, backend: str = "auto",
+           scale: Optional[float] = None) -> AttnOut:
+    """Attention of q over k/v returning ``(out, lse)``; see the module docstring for shapes."""
+    b, sq, hq, d = q.shape
+    if causal and sq != k.shape[1]:
+        raise ValueError(f"attend: causal pieces must be square, got {sq} queries and {k.shape[1]} keys")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if sq == 0 or k.shape[1] == 0:
+        # No keys: zero output with LSE -inf, so the piece weighs nothing in a merge.
+        return (q.new_zeros(b, sq, hq, v.shape[-1]),
+                torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device))
+    if backend == "auto":
+        backend = auto_backend(q.device)
+    return _BACKENDS[backend](q, k, v, causal, scale)
+
+
+def merge(parts: List[AttnOut], out_dtype: Optional[torch.dtype] = None) -> AttnOut:
+    """Exact combination of attention pieces over disjoint key sets of the same query rows (fp32)."""
+    if len(parts) == 1:
+        out, lse = parts[0]
+        return out.to(out_dtype or out.dtype), lse
+    lses = torch.stack([lse for _, lse in parts])                     # [n, b, H, s]
+    lse = torch.logsumexp(lses, dim=0)
+    # Rows whose pieces are all empty keep weight 0 instead of nan.
+    weights = torch.exp(lses - lse.masked_fill(torch.isinf(lse), 0.0)).transpose(2, 3).unsqueeze(-1)
+    out = sum(w * o.float() for w, (o, _) in zip(weights, parts))
+    return out.to(out_dtype or parts[0][0].dtype), lse
+

@@ -1,0 +1,171 @@
+"""ZigzagLayout: where every token of one sequence lives when it is split over W ranks.
+
+Global order of a sequence: ``[context (context_len tokens) | query (query_len tokens)]``. The context is
+``[anchor | block 0 | block 1 | ... | block 2W-1]``; block ``v`` is virtual host ``v``. Rank ``r`` holds, in this
+local order::
+
+    [anchor | block r | block 2W-1-r | query]
+
+The anchor and the query are replicated on every rank. With ``anchor_len = 0`` and ``query_len = 0`` the blocks are
+Megatron context parallelism's 2*CP chunks (rank r keeps chunks r and 2*CP-1-r).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .config import SpavaConfig
+
+Range = Tuple[int, int]
+
+
+class LocalSegments(NamedTuple):
+    """Offsets (start, end) of the four parts inside one rank's local sequence."""
+
+    anchor: Range
+    block1: Range
+    block2: Range
+    query: Range
+
+
+def _split_evenly(n: int, parts: int) -> List[int]:
+    """``parts`` sizes summing to ``n`` that differ by at most one; the earlier ones take the extra tokens."""
+    base, extra = divmod(n, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+class ZigzagLayout:
+    """The plan of one sequence (or a batch of equal-length sequences) over ``world_size`` ranks.
+
+    Args:
+        context_len: tokens before the query (system prompt, video, text before the question).
+        query_len: tokens of the query block (the question plus the assistant prefix); may be 0.
+        world_size: number of ranks W; the context is cut into 2W virtual-host blocks.
+        config: a ``SpavaConfig`` whose ``anchor_len`` rule is applied (the default config if None).
+
+    Raises ``ValueError`` when the context is too short to give every block a token. Every rank builds the same
+    layout from the same global lengths, so the error is raised identically everywhere before any collective.
+    """
+
+    def __init__(self, context_len: int, query_len: int, world_size: int, config: Optional[SpavaConfig] = None):
+        self.config = config if config is not None else SpavaConfig()
+        for name, value, low in (("context_len", context_len, 0), ("query_len", query_len, 0),
+                                 ("world_size", world_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ZigzagLayout.{name} must be an int >= {low}, got {value!r}")
+        self.context_len = context_len
+        self.query_len = query_len
+        self.world_size = world_size
+        self.num_blocks = 2 * world_size
+        self.anchor_len = self.config.resolve_anchor_len(context_len, world_size)
+        min_context = self.anchor_len + self.num_blocks
+        if context_len < min_context:
+            raise ValueError(
+                f"context of {context_len} tokens is too short for {world_size} rank(s): the zigzag layout needs at "
+                f"least {min_context} context tokens (anchor {self.anchor_len} + one token for each of the "
+                f"{self.num_blocks} virtual-host blocks)")
+        sizes = _split_evenly(context_len - self.anchor_len, self.num_blocks)
+        bounds, start = [], self.anchor_len
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+        self.block_bounds: List[Range] = bounds
+
+    # ---- who holds what -------------------------------------------------------------------------------------
+    @property
+    def total_len(self) -> int:
+        return self.context_len + self.query_len
+
+    @property
+    def query_range(self) -> Range:
+        return (self.context_len, self.total_len)
+
+    def block_len(self, v: int) -> int:
+        start, end = self.block_bounds[v]
+        return end - start
+
+    def virtual_hosts(self, rank: int) -> Tuple[int, int]:
+        """The two virtual hosts (blocks) of ``rank``: ``rank`` and ``2W-1-rank``."""
+        self._check_rank(rank)
+        return rank, self.num_blocks - 1 - rank
+
+    def owner(self, v: int) -> int:
+        """The rank that holds virtual host ``v``."""
+        return v if v < self.world_size else self.num_blocks - 1 - v
+
+    def global_ranges(self, rank: int) -> List[Range]:
+        """Global (start, end) of the anchor, the two blocks and the query, in the rank's local order."""
+        v1, v2 = self.virtual_hosts(rank)
+        return [(0, self.anchor_len), self.block_bounds[v1], self.block_bounds[v2], self.query_range]
+
+    def local_len(self, rank: int) -> int:
+        return sum(end - start for start, end in self.global_ranges(rank))
+
+    def local_segments(self, rank: int) -> LocalSegments:
+        """Where the anchor, the two blocks and the query sit inside the rank's local sequence."""
+        out, offset = [], 0
+        for start, end in self.global_ranges(rank):
+            out.append((offset, offset + end - start))
+            offset += end - start
+        return LocalSegments(*out)
+
+    def anchor_share(self, rank: int) -> Range:
+        """The slice of the anchor (global positions) whose keys this rank contributes to the exact query attention.
+
+        The anchor is split W ways in contiguous chunks of ceil(anchor_len / W); trailing ranks may get nothing.
+        """
+        self._check_rank(rank)
+        chunk = math.ceil(self.anchor_len / self.world_size) if self.anchor_len else 0
+        start = min(rank * chunk, self.anchor_len)
+        return start, min(start + chunk, self.anchor_len)
+
+    def positions(self, rank: int, device=None) -> torch.Tensor:
+        """Global position ids of the rank's local tokens, in local order (1-D, int64)."""
+        return torch.cat([torch.arange(s, e, device=device) for s, e in self.global_ranges(rank)])
+
+    # ---- moving token-aligned tensors -----------------------------------------------------------------------
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """Rank ``rank``'s tokens of a full-sequence tensor ``x`` (sequence on ``dim``), in local order.
+
+        Works for any token-aligned tensor: ids and labels ``[b, s]``, hidden states ``[b, s, ...]``, q/k/v
+        ``[b, s, h, d]``, 3-row M-RoPE positions ``[3, b, s]`` (``dim=2``).
+        """
+        if x.shape[dim] != self.total_len:
+            raise ValueError(f"shard: dim {dim} of the input has {x.shape[dim]} tokens, the layout expects "
+                             f"{self.total_len} (context {self.context_len} + query {self.query_len})")
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.global_ranges(rank)], dim=dim)
+
+    def unshard(self, parts: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """Rebuild the full sequence from every rank's local tensor (``parts[r]`` from rank r).
+
+        The replicated anchor and query are taken from rank 0.
+        """
+        if len(parts) != self.world_size:
+            raise ValueError(f"unshard: got {len(parts)} parts, the layout has {self.world_size} ranks")
+        for r, part in enumerate(parts):
+            if part.shape[dim] != self.local_len(r):
+                raise ValueError(f"unshard: part {r} has {part.shape[dim]} tokens on dim {dim}, rank {r} holds "
+                                 f"{self.local_len(r)}")
+        segs = [self.local_segments(r) for r in range(self.world_size)]
+
+        def piece(rank: int, seg: Range) -> torch.Tensor:
+            return parts[rank].narrow(dim, seg[0], seg[1] - seg[0])
+
+        pieces = [piece(0, segs[0].anchor)]
+        for v in range(self.num_blocks):
+            r = self.owner(v)
+            pieces.append(piece(r, segs[r].block1 if v < self.world_size else segs[r].block2))
+        pieces.append(piece(0, segs[0].query))
+        return torch.cat(pieces, dim=dim)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the layout's world of {self.world_size}")
+
+    def __repr__(self) -> str:
+        sizes = [self.block_len(v) for v in range(self.num_blocks)]
+        return (f"ZigzagLayout(context_len={self.context_len}, query_len={self.query_len}, "
+                f"world_size={self.world_size}, anchor_len={self.anchor_len}, block_lens={sizes})")

@@ -1,0 +1,80 @@
+"""Run a function on W spawned processes joined by torch.distributed (gloo on CPU, NCCL on GPUs), with a deadline.
+
+A worker that raises reports its traceback; a worker that hangs is killed when the deadline passes. Either way the
+test fails with a message instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, fn, args, results):
+    try:
+        torch.set_num_threads(1)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            results.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 240.0):
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the results by rank.
+
+    ``fn`` must be a module-level function (it is pickled by reference).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out, errors = {}, {}
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    try:
+        while len(out) + len(errors) < world_size:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                raise TimeoutError(f"distributed test did not finish in {timeout:.0f} s; ranks done: {sorted(out)}, "
+                                   f"failed: {errors}")
+            try:
+                rank, status, payload = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if all(r not in out and r not in errors for r in dead):
+                        raise RuntimeError(f"rank(s) {dead} died without a report (exit codes "
+                                           f"{[procs[r].exitcode for r in dead]})")
+                continue
+            (out if status == "ok" else errors)[rank] = payload
+        if errors:
+            msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise AssertionError(f"distributed test failed on rank(s) {sorted(errors)}:\n{msg}")
+        return [out[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
