@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 # arrive with the training work.
 MODES = ("spava",)
 # "auto" picks per device (see kernels.auto_backend); "math" is plain PyTorch and runs anywhere.
-BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "flash_attn")
+BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn")
 
 LengthRule = Union[None, str, int]
 
