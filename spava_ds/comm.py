@@ -35,6 +35,10 @@ def init_distributed(backend: Optional[str] = None, timeout: datetime.timedelta 
     return dist.get_rank(), dist.get_world_size()
 
 
+# torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class PendingGather:
     """An all-gather in flight; ``wait()`` returns the gathered ``[W, *shape]`` tensor."""
 
@@ -55,5 +59,5 @@ def all_gather_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_
     if world_size == 1:
         return PendingGather(x.unsqueeze(0), None)
     out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
-    work = dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
+    work = _all_gather_single(out, x, group=group, async_op=async_op)
     return PendingGather(out.view((world_size,) + tuple(x.shape)), work if async_op else None)

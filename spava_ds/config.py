@@ -86,6 +86,18 @@ class SpavaConfig:
             raise ValueError(f"unknown SpavaConfig key(s) {unknown}; valid keys are {valid}")
         return cls(**d)
 
+    @classmethod
+    def from_json(cls, path: str) -> "SpavaConfig":
+        """The ``"spava"`` block of a DeepSpeed JSON config file (defaults when the block is absent)."""
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            block = json.load(f).get("spava")
+        try:
+            return cls.from_dict(block)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if isinstance(d["passing_len"], tuple):

@@ -130,3 +130,20 @@ def test_layout_errors():
         layout.unshard([torch.zeros(1, layout.local_len(0))])
     with pytest.raises(ValueError, match="rank 2"):
         layout.virtual_hosts(2)
+
+
+def test_example_configs_parse():
+    import glob
+    import os
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.json")))
+    assert paths
+    configs = [SpavaConfig.from_json(p) for p in paths]
+    assert any(isinstance(c.passing_len, tuple) for c in configs)
+
+
+def test_json_config_errors_name_the_file(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"spava": {"pool_kernel": 5, "budget": 3}}')
+    with pytest.raises(ValueError, match=r"ds.json: unknown SpavaConfig key\(s\) \['budget'\]"):
+        SpavaConfig.from_json(str(bad))
