@@ -2,7 +2,7 @@
 
 from .attention import spava_attention
 from .config import BACKENDS, MODES, SpavaConfig, default_anchor_len, default_passing_len
-from .layout import ZigzagLayout
+from .layout import ZigzagLayout, current_layout, shard_batch, use_layout
 from .reference import dense_causal_attention, reference_attention
 
 __version__ = "0.1.0"
@@ -12,6 +12,9 @@ __all__ = [
     "MODES",
     "SpavaConfig",
     "ZigzagLayout",
+    "current_layout",
+    "shard_batch",
+    "use_layout",
     "default_anchor_len",
     "default_passing_len",
     "dense_causal_attention",

@@ -6,9 +6,10 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
-# Modes implemented in this release; the exact comparison modes (ring, ulysses, star, apb) share the layout and
-# arrive with the training work.
-MODES = ("spava",)
+# spava: the approximation. ring, ulysses: exact sequence parallelism in the same layout. dense: one process.
+# star, apb: baselines for benchmarks (one contiguous block per rank; star has no passing, apb no zigzag).
+MODES = ("spava", "ring", "ulysses", "dense", "star", "apb")
+CONTIGUOUS_MODES = ("star", "apb")
 # "auto" picks per device (see kernels.auto_backend); "math" is plain PyTorch and runs anywhere.
 BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn")
 
@@ -38,7 +39,9 @@ class SpavaConfig:
     """Configuration of Spava attention.
 
     Args:
-        mode: attention mode; ``"spava"`` (approximate, sequence parallel).
+        mode: attention mode, one of ``MODES``: ``"spava"`` (approximate, sequence parallel), ``"ring"`` and
+            ``"ulysses"`` (exact, sequence parallel), ``"dense"`` (exact, one process), ``"star"`` and ``"apb"``
+            (baselines: one contiguous block per rank; star's anchor is a whole block and nothing is passed).
         anchor_len: ``None``/``"auto"`` for the default rule (``default_anchor_len``, capped at one block so short
             inputs still split) or an int >= 0 that overrides it.
         passing_len: top-k budget per virtual host per layer: ``None``/``"auto"`` for the default rule, an int >= 0,
@@ -112,6 +115,8 @@ class SpavaConfig:
         """
         if _is_int(self.anchor_len):
             return self.anchor_len
+        if self.mode == "star":  # Star Attention: the anchor is a whole block
+            return context_len // (world_size + 1)
         return min(default_anchor_len(context_len), context_len // (2 * world_size + 1))
 
     def resolve_passing_len(self, context_len: int, layer_idx: Optional[int] = None) -> int:
@@ -126,4 +131,8 @@ class SpavaConfig:
             return p[layer_idx]
         if _is_int(p):
             return p
+        if self.mode == "star":
+            return 0
+        if self.mode == "apb":  # one block per rank instead of two: twice the budget keeps the per-rank total
+            return 2 * default_passing_len(context_len)
         return default_passing_len(context_len)

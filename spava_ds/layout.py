@@ -8,16 +8,25 @@ local order::
 
 The anchor and the query are replicated on every rank. With ``anchor_len = 0`` and ``query_len = 0`` the blocks are
 Megatron context parallelism's 2*CP chunks (rank r keeps chunks r and 2*CP-1-r).
+
+The baselines ``star`` and ``apb`` (``SpavaConfig.mode``) use the contiguous variant: W blocks, rank r holds
+``[anchor | block r | query]`` (its second block is empty).
+
+Replicated tokens and gradients: the anchor and the query are computed identically on every rank; in the backward
+pass their gradients are *partial* (each rank holds the contributions of the work it did), so the sum over the
+group is the gradient. Count a replicated token's loss once over the group (on one rank, or 1/W on each).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .config import SpavaConfig
+from .config import CONTIGUOUS_MODES, SpavaConfig
 
 Range = Tuple[int, int]
 
@@ -59,12 +68,13 @@ class ZigzagLayout:
         self.context_len = context_len
         self.query_len = query_len
         self.world_size = world_size
-        self.num_blocks = 2 * world_size
+        self.zigzag = self.config.mode not in CONTIGUOUS_MODES
+        self.num_blocks = 2 * world_size if self.zigzag else world_size
         self.anchor_len = self.config.resolve_anchor_len(context_len, world_size)
         min_context = self.anchor_len + self.num_blocks
         if context_len < min_context:
             raise ValueError(
-                f"context of {context_len} tokens is too short for {world_size} rank(s): the zigzag layout needs at "
+                f"context of {context_len} tokens is too short for {world_size} rank(s): the layout needs at "
                 f"least {min_context} context tokens (anchor {self.anchor_len} + one token for each of the "
                 f"{self.num_blocks} virtual-host blocks)")
         sizes = _split_evenly(context_len - self.anchor_len, self.num_blocks)
@@ -87,19 +97,24 @@ class ZigzagLayout:
         start, end = self.block_bounds[v]
         return end - start
 
-    def virtual_hosts(self, rank: int) -> Tuple[int, int]:
-        """The two virtual hosts (blocks) of ``rank``: ``rank`` and ``2W-1-rank``."""
+    def virtual_hosts(self, rank: int) -> Tuple[int, ...]:
+        """The virtual hosts (blocks) of ``rank``: ``(rank, 2W-1-rank)``, or ``(rank,)`` in the contiguous layout."""
         self._check_rank(rank)
-        return rank, self.num_blocks - 1 - rank
+        return (rank, self.num_blocks - 1 - rank) if self.zigzag else (rank,)
 
     def owner(self, v: int) -> int:
         """The rank that holds virtual host ``v``."""
         return v if v < self.world_size else self.num_blocks - 1 - v
 
     def global_ranges(self, rank: int) -> List[Range]:
-        """Global (start, end) of the anchor, the two blocks and the query, in the rank's local order."""
-        v1, v2 = self.virtual_hosts(rank)
-        return [(0, self.anchor_len), self.block_bounds[v1], self.block_bounds[v2], self.query_range]
+        """Global (start, end) of the anchor, the two blocks and the query, in the rank's local order.
+
+        In the contiguous layout the second block is an empty range.
+        """
+        hosts = self.virtual_hosts(rank)
+        first = self.block_bounds[hosts[0]]
+        second = self.block_bounds[hosts[1]] if len(hosts) == 2 else (first[1], first[1])
+        return [(0, self.anchor_len), first, second, self.query_range]
 
     def local_len(self, rank: int) -> int:
         return sum(end - start for start, end in self.global_ranges(rank))
@@ -167,5 +182,46 @@ class ZigzagLayout:
 
     def __repr__(self) -> str:
         sizes = [self.block_len(v) for v in range(self.num_blocks)]
-        return (f"ZigzagLayout(context_len={self.context_len}, query_len={self.query_len}, "
+        return (f"ZigzagLayout({'' if self.zigzag else 'contiguous, '}context_len={self.context_len}, query_len={self.query_len}, "
                 f"world_size={self.world_size}, anchor_len={self.anchor_len}, block_lens={sizes})")
+
+
+# ---- the layout of the batch being processed ---------------------------------------------------------------------
+_CURRENT_LAYOUT: contextvars.ContextVar[Optional[ZigzagLayout]] = contextvars.ContextVar("spava_layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: ZigzagLayout):
+    """Make ``layout`` the current one (``current_layout()``) inside the block, for modules such as
+    ``DistributedAttention`` or the Megatron core attention that only see local tensors."""
+    token = _CURRENT_LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _CURRENT_LAYOUT.reset(token)
+
+
+def current_layout() -> Optional[ZigzagLayout]:
+    """The layout set by the innermost ``use_layout`` (None outside one)."""
+    return _CURRENT_LAYOUT.get()
+
+
+def shard_batch(batch: Dict[str, Any], layout: ZigzagLayout, rank: int,
+                seq_dims: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """Rank ``rank``'s share of a batch dict: every tensor with ``layout.total_len`` tokens on its sequence dim is
+    sharded; everything else (pixel values, grid sizes, scalars) is passed through.
+
+    The sequence dim is 1, except ``position_ids`` with 3 dims (M-RoPE ``[3, b, s]``) and ``attention_mask`` with 4
+    dims (``[b, 1, s, s]``), which use dim 2; ``seq_dims`` overrides per key.
+    """
+    out = {}
+    for key, value in batch.items():
+        dim = (seq_dims or {}).get(key)
+        if dim is None and isinstance(value, torch.Tensor):
+            dim = 2 if (key == "position_ids" and value.dim() == 3) or (key == "attention_mask"
+                                                                        and value.dim() == 4) else 1
+        if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] == layout.total_len:
+            out[key] = layout.shard(value, rank, dim)
+        else:
+            out[key] = value
+    return out
