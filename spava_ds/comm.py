@@ -61,3 +61,45 @@ def all_gather_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_
     out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
     work = _all_gather_single(out, x, group=group, async_op=async_op)
     return PendingGather(out.view((world_size,) + tuple(x.shape)), work if async_op else None)
+
+
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_reduce_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_size: int):
+    """Sum ``x`` in place over the group; returns a handle whose ``wait()`` returns ``x``."""
+    work = dist.all_reduce(x, group=group, async_op=True) if world_size > 1 else None
+    return PendingGather(x, work)
+
+
+def reduce_scatter_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_size: int) -> PendingGather:
+    """``x [W, *shape]`` -> the sum over ranks of ``x[rank]`` (the backward of ``all_gather_async``)."""
+    if world_size == 1:
+        return PendingGather(x[0], None)
+    out = x.new_empty(x.shape[1:])
+    work = _reduce_scatter_single(out, x.reshape((-1,) + tuple(x.shape[2:])).contiguous(), group=group,
+                                  async_op=True)
+    return PendingGather(out, work)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of flat tensors; its backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits))
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` of a flat tensor with (possibly uneven) splits."""
+    return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)

@@ -130,6 +130,100 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
     return _BACKENDS[backend](q, k, v, causal, scale)
 
 
+# ---- backward -------------------------------------------------------------------------------------------------
+# Every piece's backward uses the *merged* output and LSE of its rows: with them, exp(s - lse) is the probability
+# under the softmax over all pieces, so the per-piece gradients add up to the gradient of the whole attention.
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg, kf, vf = q.to(acc).view(b, sq, hkv, g, d), k.to(acc), v.to(acc)
+    do = dout.to(acc).view(b, sq, hkv, g, d)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, kf) * scale
+    if causal:
+        mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.exp(scores - lse.to(acc).view(b, hkv, g, sq, 1))
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", probs, do)
+    dprobs = torch.einsum("bqhgd,bkhd->bhgqk", do, vf)
+    delta = (do * out.to(acc).view(b, sq, hkv, g, d)).sum(-1).permute(0, 2, 3, 1).unsqueeze(-1)
+    dscores = probs * (dprobs - delta) * scale
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, kf).reshape(b, sq, hq, d)
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, qg)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(), 0.0, causal, scale=scale)
+    return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+
+
+def _fold_kv_grad(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[b, Hq, s, d] gradient of repeated KV heads -> [b, s, Hkv, d]."""
+    b, hq, s, d = x.shape
+    return x.view(b, hkv, hq // hkv, s, d).sum(2).transpose(1, 2)
+
+
+def _cuda_backward(op):
+    def run(dout, q, k, v, out, lse, causal, scale):
+        b, sq, hq, d = q.shape
+        hkv = k.shape[2]
+        args = [t.transpose(1, 2).contiguous() for t in (dout, q)]
+        kv = [_expand_kv(t, hq).contiguous() for t in (k, v)]
+        dq, dk, dv = op(args[0], args[1], kv[0], kv[1], _bhsd(out).contiguous(), lse.contiguous(), causal, scale)
+        return _bhsd(dq), _fold_kv_grad(dk, hkv), _fold_kv_grad(dv, hkv)
+    return run
+
+
+def _cudnn_bwd_op(dout, q, k, v, out, lse, causal, scale):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), None, None, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale)  # None: no dropout state, no bias, not variable-length
+
+
+def _sdpa_flash_bwd_op(dout, q, k, v, out, lse, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, None, None, scale=scale)
+
+
+def _sdpa_efficient_bwd_op(dout, q, k, v, out, lse, causal, scale):
+    pad = (-lse.shape[-1]) % 32  # the kernel keeps its LSE padded to a multiple of 32 rows
+    res = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, torch.nn.functional.pad(lse, (0, pad)), None, None, 0.0,
+        [True, True, True, False], causal, scale=scale)
+    return res[0], res[1], res[2]
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _flash_attn_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, 0.0, scale,
+                         causal, (-1, -1), 0.0, None, False)
+    return dq, dk, dv
+
+
+_BACKWARDS = {"math": _math_backward, "cpu_flash": _cpu_flash_backward, "cudnn": _cuda_backward(_cudnn_bwd_op),
+              "sdpa_flash": _cuda_backward(_sdpa_flash_bwd_op),
+              "sdpa_efficient": _cuda_backward(_sdpa_efficient_bwd_op), "flash_attn": _flash_attn_backward}
+
+
+def attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, causal: bool = False, backend: str = "auto",
+                    scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of one piece, given the merged ``out``/``lse`` of its rows and their ``dout``."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if backend == "auto":
+        backend = auto_backend(q.device, q.dtype)
+    return _BACKWARDS[backend](dout, q, k, v, out.to(q.dtype), lse, causal, scale)
+
+
 def _merge_pair(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor,
                 out_dtype: torch.dtype) -> AttnOut:
     lse = torch.logaddexp(l1, l2)

@@ -1,0 +1,1 @@
+"""Plug-ins for DeepSpeed (``deepspeed.py``), Megatron-core (``megatron.py``) and transformers."""
