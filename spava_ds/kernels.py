@@ -12,6 +12,7 @@ last one also takes fp32), ``flash_attn`` (the flash-attn package, when installe
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import List, Optional, Tuple
@@ -207,9 +208,16 @@ def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, dk, dv
 
 
+def _sdpa_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    # The efficient op's backward fed an outside LSE is right in fp32 only (bf16 gave wrong gradients on H100,
+    # torch 2.11); half precision takes the FA2 op's backward, which is exact with any merged LSE.
+    op = _sdpa_efficient_bwd_op if q.dtype == torch.float32 else _sdpa_flash_bwd_op
+    return _cuda_backward(op)(dout, q, k, v, out, lse, causal, scale)
+
+
 _BACKWARDS = {"math": _math_backward, "cpu_flash": _cpu_flash_backward, "cudnn": _cuda_backward(_cudnn_bwd_op),
-              "sdpa_flash": _cuda_backward(_sdpa_flash_bwd_op),
-              "sdpa_efficient": _cuda_backward(_sdpa_efficient_bwd_op), "flash_attn": _flash_attn_backward}
+              "sdpa_flash": _cuda_backward(_sdpa_flash_bwd_op), "sdpa_efficient": _sdpa_efficient_backward,
+              "flash_attn": _flash_attn_backward}
 
 
 def attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -234,17 +242,32 @@ def _merge_pair(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.
 
 
 _compiled_merge_pair = None
+_log = logging.getLogger("spava_ds")
 
 
 def _merge_pair_for(device: torch.device):
     """On CUDA the pairwise merge is compiled into one fused kernel: eager it costs ~10 memory passes over the
     block's output, about 1 ms per 16K-token block at Qwen2.5-VL-7B shapes on an H100."""
     global _compiled_merge_pair
-    if device.type != "cuda" or os.environ.get("SPAVA_COMPILE", "1") == "0":
+    if device.type != "cuda" or os.environ.get("SPAVA_COMPILE", "1") == "0" or _compiled_merge_pair is False:
         return _merge_pair
     if _compiled_merge_pair is None:
         _compiled_merge_pair = torch.compile(_merge_pair, dynamic=True, fullgraph=True)
     return _compiled_merge_pair
+
+
+def _pair(o1, l1, o2, l2, out_dtype) -> AttnOut:
+    global _compiled_merge_pair
+    fn = _merge_pair_for(o1.device)
+    if fn is _merge_pair:
+        return fn(o1, l1, o2, l2, out_dtype)
+    try:
+        return fn(o1, l1, o2, l2, out_dtype)
+    except Exception as e:  # noqa: BLE001 - e.g. the recompile limit after many dtypes/strides; eager is exact too
+        _log.warning("spava_ds: compiled LSE merge failed (%s: %s); using the eager merge from now on",
+                     type(e).__name__, str(e).splitlines()[0][:200])
+        _compiled_merge_pair = False
+        return _merge_pair(o1, l1, o2, l2, out_dtype)
 
 
 def merge(parts: List[AttnOut], out_dtype: Optional[torch.dtype] = None) -> AttnOut:
@@ -254,7 +277,6 @@ def merge(parts: List[AttnOut], out_dtype: Optional[torch.dtype] = None) -> Attn
     """
     out_dtype = out_dtype or parts[0][0].dtype
     out, lse = parts[0]
-    pair = _merge_pair_for(out.device)
     for i, (o, l) in enumerate(parts[1:], start=2):
-        out, lse = pair(out, lse, o, l, out_dtype if i == len(parts) else torch.float32)
+        out, lse = _pair(out, lse, o, l, out_dtype if i == len(parts) else torch.float32)
     return out.to(out_dtype), lse

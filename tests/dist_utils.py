@@ -62,13 +62,19 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             try:
                 rank, status, payload = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                    if all(r not in out and r not in errors for r in dead):
-                        raise RuntimeError(f"rank(s) {dead} died without a report (exit codes "
-                                           f"{[procs[r].exitcode for r in dead]})")
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out
+                        and r not in errors]
+                if dead:
+                    # A rank died (e.g. a collective timed out after a peer failed): report the peers' errors too.
+                    msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+                    raise RuntimeError(f"rank(s) {dead} died without a report (exit codes "
+                                       f"{[procs[r].exitcode for r in dead]}); errors of other ranks:\n{msg}")
+                if errors and datetime.datetime.now() > first_error + datetime.timedelta(seconds=5):
+                    break  # the other ranks are probably stuck in a collective with the failed one
                 continue
             (out if status == "ok" else errors)[rank] = payload
+            if status != "ok" and len(errors) == 1:
+                first_error = datetime.datetime.now()
         if errors:
             msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
             raise AssertionError(f"distributed test failed on rank(s) {sorted(errors)}:\n{msg}")

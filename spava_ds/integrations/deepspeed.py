@@ -28,7 +28,8 @@ from ..attention import sp_attention
 from ..config import CONTIGUOUS_MODES, SpavaConfig
 from ..layout import ZigzagLayout, current_layout, shard_batch
 
-__all__ = ["DistributedAttention", "sequence_parallel_group", "sp_shard_batch", "spava_config_from_deepspeed"]
+__all__ = ["DistributedAttention", "bind_sequence_parallel_group", "replicated_token_weights",
+           "sequence_parallel_group", "sp_shard_batch", "spava_config_from_deepspeed"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +219,20 @@ def sequence_parallel_group(engine=None) -> dist.ProcessGroup:
                            "pass mesh_param=(dp, sp) or an mpu to deepspeed.initialize") from None
 
 
+def bind_sequence_parallel_group(model: torch.nn.Module, group: dist.ProcessGroup) -> int:
+    """Give ``group`` to every spava_ds ``DistributedAttention`` in ``model``; returns how many were bound.
+
+    When the JSON builds the SP group, it exists only once ``deepspeed.initialize`` has run, after the model was
+    built: build the attention modules with ``sequence_process_group=None`` and bind the group afterwards.
+    """
+    found = [m for m in model.modules() if isinstance(m, DistributedAttention)]
+    if not found:
+        raise ValueError("bind_sequence_parallel_group: the model has no spava_ds DistributedAttention module")
+    for m in found:
+        m.spg = group
+    return len(found)
+
+
 def sp_shard_batch(batch: Dict[str, Any], query_len: int, group: Optional[dist.ProcessGroup] = None,
                    config: Optional[SpavaConfig] = None, seq_len: Optional[int] = None,
                    seq_dims: Optional[Dict[str, int]] = None) -> Tuple[ZigzagLayout, Dict[str, Any]]:
@@ -229,9 +244,23 @@ def sp_shard_batch(batch: Dict[str, Any], query_len: int, group: Optional[dist.P
     from the local length would rotate the tokens with wrong positions.
     """
     if seq_len is None:
-        if not isinstance(batch.get("input_ids"), torch.Tensor):
-            raise ValueError("sp_shard_batch: the batch has no input_ids tensor; pass seq_len=")
-        seq_len = batch["input_ids"].shape[1]
+        tokens = next((batch[key] for key in ("input_ids", "inputs_embeds")
+                       if isinstance(batch.get(key), torch.Tensor)), None)
+        if tokens is None:
+            raise ValueError("sp_shard_batch: the batch has no input_ids or inputs_embeds tensor; pass seq_len=")
+        seq_len = tokens.shape[1]
     rank, world = comm.group_rank_size(group)
     layout = ZigzagLayout(seq_len - query_len, query_len, world, config)
     return layout, shard_batch(batch, layout, rank, seq_dims)
+
+
+def replicated_token_weights(layout: ZigzagLayout, rank: int, device=None) -> torch.Tensor:
+    """Per-token loss weights ``[s_local]`` for this rank: 1 for its own blocks, ``1/W`` for the anchor and the
+    query, which every rank holds. Summed over the group, every token of the sequence then counts once, so the
+    partial gradients of the replicated tokens add up to the true gradient (DeepSpeed sums gradients over the
+    sequence-parallel ranks)."""
+    seg = layout.local_segments(rank)
+    weights = torch.ones(layout.local_len(rank), device=device)
+    for start, end in (seg.anchor, seg.query):
+        weights[start:end] = 1.0 / layout.world_size
+    return weights

@@ -31,6 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from .. import comm
 from ..attention import sp_attention
 from ..config import SpavaConfig
 from ..layout import ZigzagLayout, current_layout
@@ -165,8 +166,7 @@ class SpavaCoreAttention(MegatronModule):
             raise ValueError(f"SpavaCoreAttention expects query [sq, b, np, hn] and key/value of the same length "
                              f"(no KV cache); got query {tuple(query.shape)}, key {tuple(key.shape)}")
         group = self._group()
-        rank = dist.get_rank(group) if group is not None else 0
-        cp = dist.get_world_size(group) if group is not None else 1
+        rank, cp = comm.group_rank_size(group)
         sq, b, heads, head_dim = query.shape
         layout, config = self._layout_and_config(sq, cp)
         self._check_mask(attention_mask, layout, rank)
