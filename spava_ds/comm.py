@@ -12,8 +12,14 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SPAVA_DIST_TIMEOUT", "600")))
 
 
+# A "group" of this process alone, usable inside a distributed job (e.g. a dense baseline on one rank).
+SELF = "self"
+
+
 def group_rank_size(group: Optional[dist.ProcessGroup] = None) -> Tuple[int, int]:
-    """(rank, world size) in ``group``; a process without torch.distributed is rank 0 of 1."""
+    """(rank, world size) in ``group``; a process without torch.distributed, or ``SELF``, is rank 0 of 1."""
+    if group is SELF:
+        return 0, 1
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise RuntimeError("a process group was given but torch.distributed is not initialized")
@@ -102,4 +108,6 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` of a flat tensor with (possibly uneven) splits."""
+    if group_rank_size(group)[1] == 1:
+        return x.reshape(-1)
     return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)

@@ -1,0 +1,269 @@
+"""The inference engine: answer questions about a video with a Qwen2.5-VL checkpoint over W processes.
+
+One question, every rank alike (the anchor and the query are replicated, so every rank runs the same code):
+
+1. the video is decoded and sampled (``video.py``), preprocessed into patches, and encoded frame-parallel: each rank
+   runs the vision tower on about 1/W of the temporal steps and the features are all-gathered;
+2. the prompt is ``[system, <vision_start>, video tokens, <vision_end>]`` (the context) then
+   ``[question, <im_end>, assistant prefix]`` (the query); M-RoPE positions are computed on the whole sequence;
+3. ids, embeddings and positions are sharded with ``ZigzagLayout``; one prefill forward with
+   ``attn_implementation="spava"`` gives the first token from the query block's last row;
+4. decoding attends each new token to the sharded KV cache with an LSE merge (``integrations/transformers.py``);
+   rank 0 samples and broadcasts every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .config import SpavaConfig
+from .layout import ZigzagLayout
+from .integrations.transformers import spava_attn_implementation, spava_session, text_decoder
+
+log = logging.getLogger("spava_ds.engine")
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    tokens: List[int]
+    context_tokens: int
+    query_tokens: int
+    prefill_seconds: float
+    first_logits: torch.Tensor  # logits of the first generated token (fp32, CPU)
+
+
+def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator) -> int:
+    if gen.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    if gen.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < gen.top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class SpavaEngine:
+    """Prefill and decoding of a Hugging Face model whose language model runs Spava (or an exact mode).
+
+    Args:
+        model_dir: a local Hugging Face checkpoint directory (Qwen2.5-VL for videos; Qwen2/Llama for text).
+        config: the ``SpavaConfig`` (mode, budgets, backend).
+        group: the sequence-parallel group (default: the world); ``comm.SELF`` runs this process alone.
+        device, dtype: where and how to run the model (default: this rank's GPU in bf16, else CPU in fp32).
+    """
+
+    def __init__(self, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                 fused_vision: bool = True):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config if config is not None else SpavaConfig()
+        self.group = group
+        self.rank, self.world = comm.group_rank_size(group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+                torch.device("cpu")
+        self.device = device
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"--model {model_dir!r} is not a directory (a local Hugging Face checkpoint)")
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.is_video_model = hf_config.model_type in ("qwen2_5_vl",)
+        supported_text = ("qwen2", "llama")
+        if not self.is_video_model and hf_config.model_type not in supported_text:
+            raise ValueError(f"unsupported architecture {hf_config.model_type!r}: spava_ds runs Qwen2.5-VL "
+                             f"(videos) and {supported_text} (text)")
+        attn = spava_attn_implementation(hf_config)
+        if self.is_video_model:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                model_dir, dtype=self.dtype, attn_implementation=attn)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn)
+        self.model.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.settings = _read_settings(model_dir)
+        if self.is_video_model and fused_vision:
+            from .integrations.qwen_vision import enable_fused_vision_attention
+
+            enable_fused_vision_attention(self.model)
+        self.stop_ids = self._stop_ids()
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
+    def _stop_ids(self) -> set:
+        ids = set()
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        return ids
+
+    def _ids(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def video_inputs(self, video_path: str, question: str, fps: Optional[float] = None,
+                     max_frames: Optional[int] = None) -> dict:
+        """Frames -> patches, the prompt's ids split into context and query, and the global M-RoPE positions."""
+        from .video import preprocess_video, read_video, resize_frames
+
+        if not self.is_video_model:
+            raise ValueError("this checkpoint has no vision tower: it cannot answer questions about a video")
+        _check_question(question)
+        vcfg = self.model.config.vision_config
+        frames, info = read_video(video_path, fps=fps or self.settings.get("fps"),
+                                  max_frames=max_frames or self.settings.get("max_frames"))
+        steps = frames.shape[0] // vcfg.temporal_patch_size
+        if steps < self.world:
+            raise ValueError(f"video {video_path!r} gives {frames.shape[0]} frames after sampling: at least "
+                             f"{vcfg.temporal_patch_size * self.world} are needed for {self.world} ranks "
+                             "(raise --fps or --max-frames, or use fewer processes)")
+        frames = resize_frames(frames, self.settings.get("min_pixels", 4 * 28 * 28),
+                               self.settings.get("max_pixels", 64 * 28 * 28),
+                               factor=vcfg.patch_size * vcfg.spatial_merge_size)
+        pixel_values, grid_thw = preprocess_video(frames, patch_size=vcfg.patch_size,
+                                                  temporal_patch_size=vcfg.temporal_patch_size,
+                                                  merge_size=vcfg.spatial_merge_size)
+        n_video = int(grid_thw.prod()) // vcfg.spatial_merge_size ** 2
+        cfg = self.model.config
+        context = (self._ids(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+                   + [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id])
+        query = self._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        input_ids = torch.tensor([context + query])
+        mm_types = (input_ids == cfg.video_token_id).int() * 2
+        seconds_per_step = torch.tensor([vcfg.temporal_patch_size / info["sampled_fps"]]) \
+            if "sampled_fps" in info else None
+        positions, _ = self.model.model.get_rope_index(input_ids, mm_types, video_grid_thw=grid_thw,
+                                                       second_per_grid_ts=seconds_per_step)
+        return dict(input_ids=input_ids, position_ids=positions, context_len=len(context), query_len=len(query),
+                    pixel_values_videos=pixel_values, video_grid_thw=grid_thw, frames=frames.shape[0])
+
+    def text_inputs(self, context: str, question: str) -> dict:
+        """A text prompt: ``context`` (e.g. a long document) then the question and the assistant prefix."""
+        _check_question(question)
+        ctx = self._ids(context)
+        query = self._ids(question)
+        ids = torch.tensor([ctx + query])
+        return dict(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], context_len=len(ctx),
+                    query_len=len(query))
+
+    # ---- prefill and decoding -------------------------------------------------------------------------------------
+    def _local_embeddings(self, inputs: dict, layout: ZigzagLayout) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        local_ids = layout.shard(ids, self.rank).to(self.device)
+        embed = text_decoder(self.model).embed_tokens
+        embeds = embed(local_ids)
+        if "pixel_values_videos" in inputs:
+            pixels = inputs["pixel_values_videos"].to(self.device, self.dtype)
+            grid = inputs["video_grid_thw"].to(self.device)
+            visual = self.model.model.visual
+            if self.world > 1:
+                from .integrations.qwen_vision import frame_parallel_vision
+
+                features = frame_parallel_vision(visual, pixels, grid, group=self.group)
+            else:
+                out = visual(pixels, grid_thw=grid)
+                features = getattr(out, "pooler_output", out)  # merged features (a ModelOutput in transformers 5)
+            is_video = ids == self.model.config.video_token_id
+            order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(self.device)
+            local_video = layout.shard(is_video, self.rank).to(self.device)
+            embeds[local_video] = features[order[local_video]].to(embeds.dtype)
+        return embeds
+
+    def _broadcast(self, token: int) -> int:
+        if self.world == 1:
+            return token
+        t = torch.tensor([token], device=self.device if self.device.type == "cuda" else "cpu")
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(t, src=src, group=self.group)
+        return int(t.item())
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    @torch.no_grad()
+    def generate(self, inputs: dict, gen: Optional[GenerationConfig] = None) -> Answer:
+        """Prefill (with the vision encoder) and decode one sequence; returns the answer with timings."""
+        gen = gen or GenerationConfig()
+        layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], self.world, self.config)
+        decoder, lm_head = text_decoder(self.model), self.model.get_output_embeddings()
+        positions = inputs["position_ids"]
+        local_pos = layout.shard(positions, self.rank, dim=positions.dim() - 1).to(self.device)
+        generator = torch.Generator().manual_seed(gen.seed)
+        self._sync()
+        start = time.perf_counter()
+        with spava_session(layout, self.config, self.group) as session:
+            embeds = self._local_embeddings(inputs, layout)
+            hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False).last_hidden_state
+            first_logits = lm_head(hidden[:, -1]).float()[0]
+            token = self._broadcast(_sample(first_logits, gen, generator) if self.rank == 0 else -1)
+            self._sync()
+            prefill_seconds = time.perf_counter() - start
+            tokens = [token]
+            session.decode()
+            next_pos = int(positions.max()) + 1
+            while len(tokens) < gen.max_new_tokens and tokens[-1] not in self.stop_ids:
+                pos = torch.full((1, 1), next_pos + len(tokens) - 1, device=self.device)
+                if positions.dim() == 3:
+                    pos = pos.expand(3, 1, 1)
+                tok = torch.tensor([[tokens[-1]]], device=self.device)
+                hidden = decoder(inputs_embeds=decoder.embed_tokens(tok), position_ids=pos,
+                                 use_cache=False).last_hidden_state
+                logits = lm_head(hidden[:, -1]).float()[0]
+                tokens.append(self._broadcast(_sample(logits, gen, generator) if self.rank == 0 else -1))
+        text_tokens = [t for t in tokens if t not in self.stop_ids]
+        return Answer(self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(), tokens,
+                      inputs["context_len"], inputs["query_len"], prefill_seconds, first_logits.cpu())
+
+    def answer(self, video_path: str, question: str, gen: Optional[GenerationConfig] = None,
+               fps: Optional[float] = None, max_frames: Optional[int] = None) -> Answer:
+        return self.generate(self.video_inputs(video_path, question, fps, max_frames), gen)
+
+
+def _check_question(question: str) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty: pass --question \"...\"")
+
+
+def _read_settings(model_dir: str) -> dict:
+    """Engine defaults shipped with a checkpoint (``spava_ds.json``: pixel budget, fps, max frames)."""
+    path = os.path.join(model_dir, "spava_ds.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return {}
+
+
+def dense_engine_like(engine: SpavaEngine) -> SpavaEngine:
+    """A single-process engine in mode ``dense`` sharing ``engine``'s model (for --check and tests)."""
+    clone = object.__new__(SpavaEngine)
+    clone.__dict__.update(engine.__dict__)
+    clone.config = dataclasses.replace(engine.config, mode="dense")
+    clone.group, clone.rank, clone.world = comm.SELF, 0, 1
+    return clone

@@ -1,0 +1,150 @@
+"""Hugging Face transformers: ``attn_implementation="spava"`` with a sharded KV cache for decoding.
+
+The attention function is registered with ``AttentionInterface`` under the name ``"spava"`` and applies to the
+language model only (``spava_attn_implementation()`` keeps the vision tower on SDPA). It runs inside a
+``SpavaSession``, which holds the layout, the process group and a KV cache that it keeps itself, so nothing depends
+on the version of transformers' cache classes:
+
+* **prefill** (the first forward in a session): the model runs on this rank's tokens in the zigzag layout (ids or
+  embeddings, and position ids, sharded with ``layout.shard``); every attention layer calls
+  ``sp_attention`` in the session's mode, then keeps its share of the keys/values: its W-th of the anchor and its
+  two blocks, and on rank 0 the query block. The union over ranks is the whole sequence, each token once.
+* **decode** (``session.decode()`` after the prefill): every rank runs the new token (replicated); each attention
+  layer attends it to this rank's cache share and the partials merge by LSE across ranks: exact attention over the
+  distributed cache. Rank 0 appends the new token's keys/values to its share.
+
+Call the model with ``use_cache=False``: the session is the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import comm, kernels
+from ..attention import sp_attention
+from ..config import SpavaConfig
+from ..layout import ZigzagLayout
+
+ATTN_NAME = "spava"
+_SESSION: contextvars.ContextVar[Optional["SpavaSession"]] = contextvars.ContextVar("spava_session", default=None)
+
+
+class SpavaSession:
+    """One sequence's prefill and decoding in a sharded layout (see the module docstring)."""
+
+    def __init__(self, layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
+                 group: Optional[dist.ProcessGroup] = None):
+        self.layout = layout
+        self.config = config if config is not None else layout.config
+        self.group = group
+        self.rank, self.world = comm.group_rank_size(group)
+        self.decoding = False
+        self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> this rank's k, v [b, n, Hkv, d]
+
+    def decode(self) -> None:
+        """Switch from the prefill to decoding (one token per forward)."""
+        if not self.cache:
+            raise RuntimeError("SpavaSession.decode(): run the prefill first")
+        self.decoding = True
+
+    def cache_ranges(self) -> List[Tuple[int, int]]:
+        """Local (start, end) ranges of the prefill tokens this rank keeps: anchor share, blocks, query on rank 0."""
+        seg = self.layout.local_segments(self.rank)
+        a0, a1 = self.layout.anchor_share(self.rank)
+        ranges = [(a0, a1), (seg.block1[0], seg.block2[1])]
+        if self.rank == 0:
+            ranges.append(seg.query)
+        return ranges
+
+    def cached_tokens(self) -> int:
+        """Tokens in this rank's share of the cache (the same for every layer)."""
+        k, _ = next(iter(self.cache.values()))
+        return k.shape[1]
+
+    # ---- called by the attention function ------------------------------------------------------------------------
+    def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
+        out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
+        self.cache[layer] = tuple(torch.cat([t[:, s:e] for s, e in self.cache_ranges()], dim=1) for t in (k, v))
+        return out
+
+    def decode_step(self, layer: int, q, k, v, scale) -> torch.Tensor:
+        ck, cv = self.cache[layer]
+        if self.rank == 0:  # rank 0 owns the query and the generated tokens
+            ck, cv = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+            self.cache[layer] = (ck, cv)
+        out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
+        if self.world == 1:
+            return out
+        d = q.shape[-1]
+        packed = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
+        parts = comm.all_gather_async(packed, self.group, self.world, async_op=False).wait()
+        merged, _ = kernels.merge([(p[..., :d], p[..., d].transpose(1, 2)) for p in parts.unbind(0)], q.dtype)
+        return merged
+
+
+@contextlib.contextmanager
+def spava_session(layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
+                  group: Optional[dist.ProcessGroup] = None):
+    """Run a model whose language model uses ``attn_implementation="spava"`` on one sharded sequence."""
+    session = SpavaSession(layout, config, group)
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+
+
+def spava_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, **kwargs) -> Tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function: q ``[b, Hq, s, d]``, k/v ``[b, Hkv, s, d]`` -> ``([b, s, Hq, d], None)``."""
+    session = _SESSION.get()
+    if session is None:
+        raise RuntimeError("attn_implementation='spava' runs inside spava_ds.integrations.transformers."
+                           "spava_session(layout, ...): shard the inputs with the layout and open a session")
+    if dropout:
+        raise ValueError("attn_implementation='spava' does not support attention dropout")
+    if kwargs.get("sliding_window"):
+        raise ValueError("attn_implementation='spava' does not support sliding-window layers")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError("attn_implementation='spava' needs attention modules with a layer_idx")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if session.decoding:
+        out = session.decode_step(layer, q, k, v, scaling)
+    else:
+        out = session.prefill(layer, q, k, v, scaling)
+    return out, None
+
+
+def register() -> str:
+    """Register ``"spava"`` with transformers' ``AttentionInterface`` (idempotent); returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, spava_attention_forward)
+    try:  # masks: spava is causal by construction and takes no padding mask
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return ATTN_NAME
+
+
+def spava_attn_implementation(model_config) -> object:
+    """The ``attn_implementation`` argument that routes the language model to Spava and keeps the rest on SDPA."""
+    register()
+    if hasattr(model_config, "vision_config"):
+        return {"text_config": ATTN_NAME, "vision_config": "sdpa", "": "sdpa"}
+    return ATTN_NAME
+
+
+def text_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a causal LM (Llama/Qwen2) or of Qwen2.5-VL's language model."""
+    inner = model.model
+    return getattr(inner, "language_model", inner)
