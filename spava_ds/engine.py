@@ -180,13 +180,10 @@ class SpavaEngine:
             pixels = inputs["pixel_values_videos"].to(self.device, self.dtype)
             grid = inputs["video_grid_thw"].to(self.device)
             visual = self.model.model.visual
-            if self.world > 1:
-                from .integrations.qwen_vision import frame_parallel_vision
+            from .integrations.qwen_vision import encode_video, frame_parallel_vision
 
-                features = frame_parallel_vision(visual, pixels, grid, group=self.group)
-            else:
-                out = visual(pixels, grid_thw=grid)
-                features = getattr(out, "pooler_output", out)  # merged features (a ModelOutput in transformers 5)
+            features = (frame_parallel_vision(visual, pixels, grid, group=self.group) if self.world > 1
+                        else encode_video(visual, pixels, grid))
             is_video = ids == self.model.config.video_token_id
             order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(self.device)
             local_video = layout.shard(is_video, self.rank).to(self.device)

@@ -1,0 +1,383 @@
+"""The Qwen2.5-VL vision tower for long videos: frame parallelism and a fused variable-length attention.
+
+* ``frame_parallel_vision(visual, pixel_values_videos, video_grid_thw, group)``: each rank encodes a contiguous run of
+  about 1/W of the temporal grid steps (a step is ``temporal_patch_size`` = 2 frames), then the merged features are
+  all-gathered in order, so every rank holds the features of the whole video, equal to encoding on one device. This
+  works because the ViT never mixes temporal steps: full attention spans one step of one video, windows lie inside
+  a step, the rotary positions are (h, w) only, and the patch merger acts on 2x2 blocks of one step.
+
+* ``enable_fused_vision_attention(model)``: transformers' vision attention, for any implementation other than
+  flash-attn, calls SDPA once per window (thousands of 64-token calls for a long video). The installed forward makes
+  one variable-length call over all windows instead: flash-attn's varlen kernel when it imports, else torch's own
+  ``varlen_attn``, else ``flex_attention`` (compiled) with a block-diagonal ``BlockMask``; on CPU the per-window SDPA
+  loop stays (exact and the fastest there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..comm import all_gather_async, group_rank_size, reduce_scatter_async
+
+__all__ = [
+    "frame_parallel_vision", "temporal_shares", "encode_video",
+    "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
+    "varlen_attention", "available_backends", "BACKENDS",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Frame parallelism
+# --------------------------------------------------------------------------------------------------------------
+
+def temporal_shares(num_steps: int, world_size: int) -> List[int]:
+    """Temporal steps per rank: ``floor(F/W) + (r < F mod W)``, the earlier ranks taking the remainder."""
+    base, extra = divmod(num_steps, world_size)
+    return [base + (r < extra) for r in range(world_size)]
+
+
+@dataclass
+class _Slice:
+    """One rank's part of the packed videos: pixel rows, merged-token rows and its own grid_thw."""
+    rows: Tuple[int, int]
+    tokens: Tuple[int, int]
+    grid_thw: List[List[int]]
+
+
+def _plan(grid_thw: Sequence[Sequence[int]], world_size: int, merge_unit: int,
+          temporal_patch_size: int) -> List[_Slice]:
+    num_steps = sum(t for t, _, _ in grid_thw)
+    if num_steps < world_size:
+        raise ValueError(
+            f"frame-parallel vision over {world_size} ranks needs at least {temporal_patch_size * world_size} frames "
+            f"(one temporal step of {temporal_patch_size} frames per rank), but the video(s) have "
+            f"{temporal_patch_size * num_steps} frames ({num_steps} step(s)); sample more frames or use fewer ranks")
+    # Pixel rows of every step, in the packed order: video after video, step after step.
+    step_rows = [h * w for t, h, w in grid_thw for _ in range(t)]
+    starts = [0]
+    for n in temporal_shares(num_steps, world_size):
+        starts.append(starts[-1] + n)
+    slices = []
+    for s0, s1 in zip(starts[:-1], starts[1:]):
+        r0, r1 = sum(step_rows[:s0]), sum(step_rows[:s1])
+        # The local grid keeps each video's (h, w) and counts only the steps inside [s0, s1): a slice that crosses a
+        # video boundary becomes two entries, so the windows and the full-attention segments stay per video.
+        local, v0 = [], 0
+        for t, h, w in grid_thw:
+            n = min(s1, v0 + t) - max(s0, v0)
+            if n > 0:
+                local.append([n, h, w])
+            v0 += t
+        slices.append(_Slice((r0, r1), (r0 // merge_unit, r1 // merge_unit), local))
+    return slices
+
+
+def encode_video(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The merged features ``[tokens, out_hidden]`` of ``visual(pixel_values, grid_thw)``, for any transformers.
+
+    transformers 4.x returns the merged features as a tensor; 5.x returns a ``BaseModelOutputWithPooling`` whose
+    ``pooler_output`` holds them (``last_hidden_state`` is the unmerged ViT output in window order).
+    """
+    out = visual(pixel_values, grid_thw=grid_thw)
+    if isinstance(out, torch.Tensor):
+        return out
+    merged = getattr(out, "pooler_output", None)
+    if merged is None:
+        raise TypeError(f"cannot find the merged vision features in a {type(out).__name__} "
+                        "(expected a tensor or an output with `pooler_output`)")
+    return merged
+
+
+class _GatherShares(torch.autograd.Function):
+    """All-gather of uneven row blocks (padded to the largest, trimmed after) with a reduce-scatter backward.
+
+    The backward sums the gradient of this rank's rows over all ranks: under sequence parallelism every rank feeds a
+    different part of the gathered features to its part of the language model, and the total loss is the sum of
+    the ranks' losses, so each rank's features get gradient from every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, rank, group):
+        ctx.counts, ctx.rank, ctx.group = counts, rank, group
+        return _gather_rows(x, counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, world = ctx.counts, len(ctx.counts)
+        padded = torch.stack([_pad_rows(g, max(counts)) for g in torch.split(grad, counts)])
+        summed = reduce_scatter_async(padded, ctx.group, world).wait()
+        return summed[:counts[ctx.rank]], None, None, None
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, n - x.shape[0])) if x.shape[0] < n else x
+
+
+def _gather_rows(x: torch.Tensor, counts: List[int], group) -> torch.Tensor:
+    gathered = all_gather_async(_pad_rows(x, max(counts)), group, len(counts), async_op=False).wait()
+    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+
+
+def frame_parallel_vision(visual, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
+                          group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Encode the videos with the vision tower split over the ranks of ``group`` by temporal steps.
+
+    ``visual`` is the vision tower (``model.model.visual`` of ``Qwen2_5_VLForConditionalGeneration``),
+    ``pixel_values_videos`` ``[patches, C*T*P*P]`` and ``video_grid_thw`` ``[videos, 3]`` as the processor gives
+    them, the same on every rank. Returns the merged features of all videos ``[patches / merge**2, out_hidden]`` on
+    every rank, equal to ``visual(pixel_values_videos, video_grid_thw)`` on one device. Differentiable: the gradient
+    of this rank's features is summed over the ranks (see ``_GatherShares``).
+
+    Raises ``ValueError`` (on every rank, before any collective) when there are fewer temporal steps than ranks.
+    """
+    rank, world = group_rank_size(group)
+    grid = [[int(v) for v in row] for row in video_grid_thw.tolist()]
+    if video_grid_thw.dim() != 2 or any(len(row) != 3 for row in grid):
+        raise ValueError(f"video_grid_thw must be [videos, 3], got shape {tuple(video_grid_thw.shape)}")
+    total_rows = sum(t * h * w for t, h, w in grid)
+    if pixel_values_videos.shape[0] != total_rows:
+        raise ValueError(f"pixel_values_videos has {pixel_values_videos.shape[0]} rows but video_grid_thw "
+                         f"{grid} describes {total_rows} patches")
+    config = visual.config
+    merge_unit = config.spatial_merge_size ** 2
+    slices = _plan(grid, world, merge_unit, config.temporal_patch_size)
+    if world == 1:
+        return encode_video(visual, pixel_values_videos, video_grid_thw)
+
+    mine = slices[rank]
+    local_grid = torch.tensor(mine.grid_thw, dtype=video_grid_thw.dtype, device=video_grid_thw.device)
+    features = encode_video(visual, pixel_values_videos[mine.rows[0]:mine.rows[1]], local_grid)
+    counts = [s.tokens[1] - s.tokens[0] for s in slices]
+    if features.shape[0] != counts[rank]:
+        raise RuntimeError(f"the vision tower returned {features.shape[0]} rows for {counts[rank]} merged tokens")
+    if torch.is_grad_enabled() and features.requires_grad:
+        return _GatherShares.apply(features, counts, rank, group)
+    return _gather_rows(features, counts, group)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused variable-length attention for the vision tower
+# --------------------------------------------------------------------------------------------------------------
+
+# "flash_attn": flash-attn's varlen kernel (fp16/bf16). "varlen": torch.nn.attention.varlen.varlen_attn (torch >=
+# 2.10, fp16/bf16; cuDNN or torch's FA2 inside). "flex" / "flex_eager": one flex_attention call with a
+# block-diagonal BlockMask, compiled or not (eager is for CPU tests: it ignores the block structure and applies the
+# mask_mod densely). "sdpa": one SDPA call per segment, as transformers does (exact; the CPU default). Which CUDA
+# backend is fastest is for launch/bench_vision.py to say; "auto" tries them in the order listed.
+BACKENDS = ("auto", "flash_attn", "varlen", "flex", "flex_eager", "sdpa")
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - not installed, or a build that does not load here
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # noqa: BLE001 - torch < 2.10
+        return None
+    return varlen_attn
+
+
+def available_backends(device: torch.device | str = "cuda") -> List[str]:
+    """The concrete backends usable on ``device``, in the order "auto" tries them on CUDA."""
+    if torch.device(device).type != "cuda":
+        return ["sdpa", "flex_eager"]
+    names = ["flash_attn"] if _flash_attn_varlen() is not None else []
+    names += ["varlen"] if _torch_varlen() is not None else []
+    return names + ["flex", "sdpa"]
+
+
+def _resolve(backend: str, q: torch.Tensor, scale: float) -> str:
+    if backend != "auto":
+        return backend
+    if not q.is_cuda:
+        return "sdpa"
+    half = q.dtype in (torch.float16, torch.bfloat16)   # the flash kernels take half precision only
+    if half and _flash_attn_varlen() is not None:
+        return "flash_attn"
+    # torch's varlen_attn takes `scale` only in recent versions; the default is the vision tower's 1/sqrt(d).
+    if half and _torch_varlen() is not None and math.isclose(scale, q.shape[-1] ** -0.5):
+        return "varlen"
+    return "flex"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def _segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The segment index of every token: ``[0]*len_0 + [1]*len_1 + ...``."""
+    cu = cu_seqlens.to(torch.int64)
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
+
+
+def doc_block_masks(cu_seqlens: torch.Tensor, seq_len: int, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-level structure of the block-diagonal mask of ``cu_seqlens``: ``(partial, full)``, both ``[n, n]``.
+
+    ``n = ceil(seq_len / block_size)``. Block (i, j) is *full* when every query of block i and every key of block j
+    lie in one segment (the kernel then skips the mask), *partial* when some but not all pairs do. Built from the
+    segment ranges of each block, O(n^2) booleans, never the ``seq_len^2`` token mask.
+    """
+    segment = _segment_ids(cu_seqlens)
+    first = torch.arange(0, seq_len, block_size, device=segment.device)
+    last = torch.clamp(first + block_size, max=seq_len) - 1
+    lo, hi = segment[first], segment[last]      # segments are contiguous: block i holds segments lo[i]..hi[i]
+    touch = (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])
+    single = lo == hi
+    full = single[:, None] & single[None, :] & (lo[:, None] == lo[None, :])
+    return touch & ~full, full
+
+
+def _block_mask(cu_seqlens: torch.Tensor, seq_len: int, block_size: int = 128):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = doc_block_masks(cu_seqlens, seq_len, block_size)
+
+    def ordered(blocks):  # [n, n] bool -> per row the count and the listed block indices first, ascending
+        order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+        return blocks.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    n = partial.shape[0]
+    # Tokens past seq_len (the last block's padding) get their own segment id: they never match a real token.
+    segment = F.pad(_segment_ids(cu_seqlens), (0, n * block_size - seq_len), value=-1)
+
+    def same_segment(b, h, q_idx, kv_idx):
+        return segment[q_idx] == segment[kv_idx]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
+                                    mask_mod=same_segment, seq_lengths=(seq_len, seq_len))
+
+
+class _SegmentCache:
+    """Per-``cu_seqlens`` derived data (lengths, max length, BlockMask), kept for the tensors of the last forward.
+
+    The vision tower passes the same two ``cu_seqlens`` tensors (windows; whole frames) to every layer, so keying on
+    the tensor object finds them without comparing contents (which would synchronise with the GPU per layer). The
+    entries hold the tensors, so an id cannot be reused while cached.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, {}
+
+    def get(self, cu_seqlens: torch.Tensor, what: str, make):
+        key = (id(cu_seqlens), what)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is cu_seqlens:
+            return hit[1]
+        value = make()
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))   # oldest first
+        self.entries[key] = (cu_seqlens, value)
+        return value
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                     backend: str = "auto", cache: Optional[_SegmentCache] = None,
+                     block_size: int = 128) -> torch.Tensor:
+    """Non-causal attention within each segment of ``cu_seqlens``: q, k, v ``[S, H, D]`` -> ``[S, H, D]``."""
+    cache = cache if cache is not None else _SegmentCache()
+    seq_len = q.shape[0]
+    backend = _resolve(backend, q, scale)
+    if backend in ("flash_attn", "varlen"):
+        cu = cache.get(cu_seqlens, "int32", lambda: cu_seqlens.to(device=q.device, dtype=torch.int32))
+        max_len = cache.get(cu_seqlens, "max", lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+        if backend == "flash_attn":
+            return _flash_attn_varlen()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
+        if not math.isclose(scale, q.shape[-1] ** -0.5):
+            raise ValueError("the 'varlen' backend uses the default scale 1/sqrt(head_dim); this module's differs")
+        return _torch_varlen()(q, k, v.contiguous(), cu, cu, max_len, max_len)  # v is a strided view of qkv
+    if backend in ("flex", "flex_eager"):
+        from torch.nn.attention.flex_attention import flex_attention
+        mask = cache.get(cu_seqlens, f"mask{block_size}",
+                         lambda: _block_mask(cu_seqlens.to(q.device), seq_len, block_size))
+        attend = _compiled_flex() if backend == "flex" else flex_attention
+        out = attend(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), block_mask=mask, scale=scale)
+        return out.squeeze(0).transpose(0, 1)
+    if backend == "sdpa":
+        lengths = cache.get(cu_seqlens, "lengths", lambda: (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+        # [1, H, L, D] per segment, as transformers calls it (a 3-D input takes a slower path on the CPU).
+        pieces = [F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in qkv), scale=scale)
+                  for qkv in zip(*(torch.split(x, lengths) for x in (q, k, v)))]
+        return torch.cat(pieces, dim=2).squeeze(0).transpose(0, 1)
+    raise ValueError(f"unknown vision attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _fused_forward(module, state, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """``Qwen2_5_VLVisionAttention.forward`` with one attention call over all segments (same math as transformers)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    seq_len = hidden_states.shape[0]
+    q, k, v = module.qkv(hidden_states).reshape(seq_len, 3, module.num_heads, -1).unbind(1)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    out = varlen_attention(q, k, v, cu_seqlens, module.scaling, state.backend, state.cache, state.block_size)
+    return module.proj(out.reshape(seq_len, -1))
+
+
+_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention",)
+
+
+class FusedVisionAttention:
+    """Handle of an installed fused vision attention; ``remove()`` (or ``disable_fused_vision_attention``) undoes it."""
+
+    def __init__(self, modules, backend: str, block_size: int):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown vision attention backend {backend!r}; choose one of {BACKENDS}")
+        self.modules, self.backend, self.block_size = list(modules), backend, block_size
+        self.cache = _SegmentCache()
+        for m in self.modules:
+            # An instance attribute shadows the class's forward; nn.Module.__call__ then runs it (hooks included).
+            m.forward = functools.partial(_fused_forward, m, self)
+            m._spava_fused_attention = self
+
+    def remove(self) -> None:
+        for m in self.modules:
+            if getattr(m, "_spava_fused_attention", None) is self:
+                del m.forward, m._spava_fused_attention
+        self.modules = []
+
+
+def _vision_attention_modules(model_or_visual) -> list:
+    found = [m for m in model_or_visual.modules() if type(m).__name__ in _ATTENTION_CLASSES]
+    if not found:
+        raise ValueError(f"no Qwen2.5-VL vision attention ({', '.join(_ATTENTION_CLASSES)}) found in "
+                         f"{type(model_or_visual).__name__}")
+    return found
+
+
+def enable_fused_vision_attention(model_or_visual, backend: str = "auto",
+                                  block_size: int = 128) -> FusedVisionAttention:
+    """Make every Qwen2.5-VL vision attention module of ``model_or_visual`` run one varlen call per layer.
+
+    ``backend``: "auto" (CUDA: flash-attn varlen if it imports, else torch's varlen_attn in half precision, else
+    compiled flex_attention; CPU: the per-segment SDPA loop), or one of ``BACKENDS``. ``block_size`` is the flex
+    BlockMask block. Installing again replaces the previous installation. Returns a handle whose ``remove()`` undoes.
+    """
+    disable_fused_vision_attention(model_or_visual)
+    return FusedVisionAttention(_vision_attention_modules(model_or_visual), backend, block_size)
+
+
+def disable_fused_vision_attention(model_or_visual) -> int:
+    """Restore transformers' vision attention forward; returns how many modules were restored."""
+    handles = {id(h): h for m in model_or_visual.modules()
+               if (h := getattr(m, "_spava_fused_attention", None)) is not None}
+    restored = sum(len(h.modules) for h in handles.values())
+    for h in handles.values():
+        h.remove()
+    return restored
