@@ -100,7 +100,7 @@ def run(args) -> int:
     model_dir = args.model or tiny_model_dir()
     if rank == 0:
         log.info("loading %s on %d process(es), mode %s", model_dir, world, config.mode)
-    engine = SpavaEngine(model_dir, config, dtype=dtype)
+    engine = SpavaEngine.from_pretrained(model_dir, config, dtype=dtype)
     gen = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     records = _records(args)
     out_file = None

@@ -15,7 +15,6 @@ One question, every rank alike (the anchor and the query are replicated, so ever
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -67,49 +66,63 @@ class SpavaEngine:
     """Prefill and decoding of a Hugging Face model whose language model runs Spava (or an exact mode).
 
     Args:
-        model_dir: a local Hugging Face checkpoint directory (Qwen2.5-VL for videos; Qwen2/Llama for text).
+        model: a transformers model whose language model uses ``attn_implementation="spava"`` (see
+            ``from_pretrained``, which loads a local checkpoint that way).
+        tokenizer: its tokenizer.
         config: the ``SpavaConfig`` (mode, budgets, backend).
         group: the sequence-parallel group (default: the world); ``comm.SELF`` runs this process alone.
-        device, dtype: where and how to run the model (default: this rank's GPU in bf16, else CPU in fp32).
+        settings: engine defaults (``spava_ds.json`` of a checkpoint: fps, max_frames, min/max_pixels).
+        fused_vision: run the vision tower's attention as one variable-length call.
     """
 
-    def __init__(self, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                 fused_vision: bool = True):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    def __init__(self, model: torch.nn.Module, tokenizer, config: Optional[SpavaConfig] = None, group=None,
+                 settings: Optional[dict] = None, fused_vision: bool = True):
         self.config = config if config is not None else SpavaConfig()
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-                torch.device("cpu")
-        self.device = device
-        self.dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if not os.path.isdir(model_dir):
-            raise ValueError(f"--model {model_dir!r} is not a directory (a local Hugging Face checkpoint)")
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        self.is_video_model = hf_config.model_type in ("qwen2_5_vl",)
-        supported_text = ("qwen2", "llama")
-        if not self.is_video_model and hf_config.model_type not in supported_text:
-            raise ValueError(f"unsupported architecture {hf_config.model_type!r}: spava_ds runs Qwen2.5-VL "
-                             f"(videos) and {supported_text} (text)")
-        attn = spava_attn_implementation(hf_config)
-        if self.is_video_model:
-            from transformers import Qwen2_5_VLForConditionalGeneration
-
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                model_dir, dtype=self.dtype, attn_implementation=attn)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn)
-        self.model.to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.settings = _read_settings(model_dir)
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tokenizer = tokenizer
+        self.settings = settings or {}
+        self.is_video_model = hasattr(model.config, "vision_config")
         if self.is_video_model and fused_vision:
             from .integrations.qwen_vision import enable_fused_vision_attention
 
             enable_fused_vision_attention(self.model)
         self.stop_ids = self._stop_ids()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
+                        device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                        fused_vision: bool = True) -> "SpavaEngine":
+        """Load a local checkpoint: Qwen2.5-VL (videos) or a Qwen2/Llama text model.
+
+        ``device``/``dtype`` default to this rank's GPU in bf16, else the CPU in fp32.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"--model {model_dir!r} is not a directory (a local Hugging Face checkpoint)")
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        supported_text = ("qwen2", "llama")
+        if hf_config.model_type != "qwen2_5_vl" and hf_config.model_type not in supported_text:
+            raise ValueError(f"unsupported architecture {hf_config.model_type!r}: spava_ds runs Qwen2.5-VL "
+                             f"(videos) and {supported_text} (text)")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+                torch.device("cpu")
+        dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        attn = spava_attn_implementation(hf_config)
+        if hf_config.model_type == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
+        else:
+            model_cls = AutoModelForCausalLM
+        model = model_cls.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device)
+        from .video import load_video_settings
+
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), config, group, load_video_settings(model_dir),
+                   fused_vision)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _stop_ids(self) -> set:
@@ -154,10 +167,8 @@ class SpavaEngine:
         query = self._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
         input_ids = torch.tensor([context + query])
         mm_types = (input_ids == cfg.video_token_id).int() * 2
-        seconds_per_step = torch.tensor([vcfg.temporal_patch_size / info["sampled_fps"]]) \
-            if "sampled_fps" in info else None
         positions, _ = self.model.model.get_rope_index(input_ids, mm_types, video_grid_thw=grid_thw,
-                                                       second_per_grid_ts=seconds_per_step)
+                                                       second_per_grid_ts=torch.tensor([info["second_per_grid_t"]]))
         return dict(input_ids=input_ids, position_ids=positions, context_len=len(context), query_len=len(query),
                     pixel_values_videos=pixel_values, video_grid_thw=grid_thw, frames=frames.shape[0])
 
@@ -246,15 +257,6 @@ class SpavaEngine:
 def _check_question(question: str) -> None:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty: pass --question \"...\"")
-
-
-def _read_settings(model_dir: str) -> dict:
-    """Engine defaults shipped with a checkpoint (``spava_ds.json``: pixel budget, fps, max frames)."""
-    path = os.path.join(model_dir, "spava_ds.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return {}
 
 
 def dense_engine_like(engine: SpavaEngine) -> SpavaEngine:

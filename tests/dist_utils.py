@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -32,7 +33,9 @@ def _worker(rank, world_size, port, backend, fn, args, results):
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            # Plain pickle copies tensors; the queue's own reducer would share them through memory that
+            # disappears when this process exits.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -72,7 +75,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
                 if errors and datetime.datetime.now() > first_error + datetime.timedelta(seconds=5):
                     break  # the other ranks are probably stuck in a collective with the failed one
                 continue
-            (out if status == "ok" else errors)[rank] = payload
+            (out if status == "ok" else errors)[rank] = pickle.loads(payload) if status == "ok" else payload
             if status != "ok" and len(errors) == 1:
                 first_error = datetime.datetime.now()
         if errors:

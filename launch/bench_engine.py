@@ -1,0 +1,127 @@
+"""Time to first token of the inference engine: Spava (and ring) on W GPUs against dense attention on one GPU.
+
+A Qwen2.5-VL-shaped model with random bf16 weights answers a question about a synthetic video. Time to first
+token = frame-parallel vision encoder + language-model prefill + first token, median of ``--iters`` runs after a
+warm-up. Dense runs on rank 0 alone with the same model and the same (fused) vision attention, so the comparison
+is like for like. Run under torchrun, one process per GPU:
+
+    torchrun --standalone --nproc_per_node 2 launch/bench_engine.py --model-shape 3b --frames 64
+    python launch/bench_engine.py --tiny           # CPU smoke test of the code path (the tiny checkpoint)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
+
+SHAPES = {  # text: layers, hidden, heads, kv heads, MLP; vision out = text hidden
+    "3b": dict(num_hidden_layers=36, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008),
+    "7b": dict(num_hidden_layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944),
+}
+
+
+def build_model(shape: str, tokenizer, device):
+    """A random-weight Qwen2.5-VL of the given shape, built directly on the GPU (no CPU init loops)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from spava_ds.integrations.transformers import spava_attn_implementation
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    text = dict(SHAPES[shape], vocab_size=151936, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
+                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, video_token_id=ids["<|video_pad|>"],
+                              image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
+                                                                attn_implementation=spava_attn_implementation(config))
+    return model.eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-shape", choices=sorted(SHAPES), default="3b")
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--modes", nargs="+", default=["spava", "ring"])
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="the embedded tiny checkpoint on CPU (a smoke test)")
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    from spava_ds.assets import tiny_model_dir
+    from spava_ds.video import write_synthetic_video
+
+    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    if args.tiny:
+        base = SpavaEngine.from_pretrained(tiny_model_dir())
+        model, card = base.model, "CPU"
+        settings = base.settings
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+        model = build_model(args.model_shape, tokenizer, device)
+        card = torch.cuda.get_device_name(device)
+        pixels = args.width * args.height  # keep the video's resolution (rounded to multiples of 28)
+        settings = dict(min_pixels=pixels, max_pixels=int(pixels * 1.05), fps=2, max_frames=args.frames)
+    video = write_synthetic_video(os.path.join(tempfile.mkdtemp(), "bench.mp4"), num_frames=args.frames,
+                                  width=args.width, height=args.height, fps=2, seed=0)
+    question = "What is written in the frame where the red square appears?"
+
+    def time_engine(config, group) -> tuple:
+        engine = SpavaEngine(model, tokenizer, config, group, settings)
+        inputs = engine.video_inputs(video, question, fps=2, max_frames=args.frames)
+        engine.generate(inputs, GenerationConfig(max_new_tokens=1))  # warm-up (compiles kernels)
+        times = [engine.generate(inputs, GenerationConfig(max_new_tokens=1)).prefill_seconds
+                 for _ in range(args.iters)]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        return statistics.median(times), inputs["context_len"], peak
+
+    rows = []
+    for mode in args.modes:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds, context, peak = time_engine(SpavaConfig(mode=mode), None)
+        rows.append((f"{mode}, {world} GPU(s)" if not args.tiny else f"{mode}, {world} process(es)", seconds, peak))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds, context, peak = time_engine(SpavaConfig(mode="dense"), comm.SELF)
+        rows.insert(0, ("dense, 1 GPU" if not args.tiny else "dense, 1 process", seconds, peak))
+        dense = rows[0][1]
+        model_name = "the tiny checkpoint" if args.tiny else f"Qwen2.5-VL-{args.model_shape}-shaped random bf16 weights"
+        print(f"\n# {card}; {model_name}; {args.frames} frames at "
+              f"{args.width}x{args.height}; {context} context tokens; {time.strftime('%Y-%m-%d')}")
+        print("| method | time to first token (s) | speedup vs dense | peak GPU memory (GiB, rank 0) |")
+        print("|---|---|---|---|")
+        for name, sec, peak in rows:
+            print(f"| {name} | {sec:.3f} | {dense / sec:.2f}x | {peak:.1f} |")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

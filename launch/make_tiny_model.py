@@ -1,0 +1,224 @@
+"""Write the project's tiny random-weight Qwen2.5-VL checkpoint (the engine's embedded default model).
+
+    python launch/make_tiny_model.py                       # -> spava_ds/assets/tiny-qwen2.5-vl/
+    python launch/make_tiny_model.py --out /tmp/tiny       # anywhere else
+
+Deterministic: the tokenizer is a byte-level BPE trained in-process on the fixed corpus below and every weight is
+drawn from one seeded generator, so running it again rewrites byte-identical weights (a test checks this). No
+download. The model is small enough for CPU tests yet keeps the features that matter to Spava: grouped-query
+attention (4 query heads, 2 KV heads), 3-D M-RoPE, the windowed vision tower with a full-attention block and the 2x2
+patch merger. Weights are random, so answers are gibberish; the outputs are only compared between attention modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
+from spava_ds.video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+
+SEED = 20260121
+VOCAB_SIZE = 1000
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Small pixel budget so CPU runs stay fast: frames land between 112x112 and 224x224 (16 to 64 LLM tokens per
+# temporal patch of two frames).
+VIDEO_SETTINGS = {
+    "min_pixels": 112 * 112,
+    "max_pixels": 224 * 224,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "fps": 2.0,
+    "max_frames": 64,
+    "image_mean": list(OPENAI_CLIP_MEAN),
+    "image_std": list(OPENAI_CLIP_STD),
+}
+
+# ChatML, as Qwen2.5-VL formats conversations; a video item becomes one <|video_pad|> that the engine expands to the
+# video's token count.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message.role != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message.role + '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for item in message.content %}"
+    "{% if item.type == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item.type == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item.type == 'text' %}{{ item.text }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Training text for the tokenizer: plain English about videos and questions, written for this script.
+CORPUS = """
+The video opens on a quiet street at dawn. A red car turns the corner, slows down near the bakery and stops.
+A woman in a blue coat steps out, looks at her watch and walks into the shop. Two minutes later she comes back
+with a paper bag and a cup of coffee. The camera follows the car as it drives past the park, where a man is
+throwing a ball for a brown dog. The dog runs across the grass, catches the ball and brings it back.
+What colour is the car? The car is red. How many people are in the park? There is one man with his dog.
+Where does the woman go? She goes into the bakery and buys bread and coffee.
+
+In the second scene a teacher stands in front of a whiteboard. She writes three numbers: 12, 45 and 78. The
+students copy them into their notebooks. One student raises his hand and asks why the sum is 135. The teacher
+smiles and explains the rule step by step. Later the class watches a short film about the ocean: whales swim
+under the surface, birds fly over the waves and a small boat moves slowly towards the island.
+Question: what does the teacher write on the board? Answer: she writes three numbers and explains their sum.
+
+A kitchen, filmed from above. Someone cuts onions, tomatoes and green peppers on a wooden board, then puts them
+in a hot pan with oil. The vegetables turn soft and golden. Rice is added, then water, then a pinch of salt.
+After twenty minutes the pot is taken off the stove. The cook tastes the rice, adds pepper and serves it on
+white plates. The video ends with a close view of the steaming food on the table.
+Describe the cooking steps. First the vegetables are cut, then they are fried, then the rice is cooked.
+
+The match starts in the evening under bright lights. The players in yellow shirts attack from the left side.
+After eleven minutes the striker receives a long pass, runs past two defenders and scores. The crowd jumps and
+sings. In the second half the team in white shirts presses harder and almost scores twice, but the goalkeeper
+saves both shots. The final whistle blows and the score stays one to nothing.
+Who won the game? The team in yellow won by one goal. When was the goal scored? In the eleventh minute.
+
+A nature documentary shows a forest through the seasons. In spring the trees are light green and birds build
+nests. In summer a family of deer drinks from a stream. In autumn the leaves turn orange, yellow and brown and
+fall to the ground. In winter snow covers everything, and a fox walks alone between the silent trees, leaving
+small tracks behind it. The narrator speaks about how animals prepare for the cold months.
+Which animal walks in the snow? A fox walks in the snow. What happens in autumn? The leaves change colour.
+
+The last clip is a screen recording. A user opens a text editor, types a short program, saves the file and runs
+it. The terminal prints an error on line seven. The user scrolls up, finds a missing bracket, fixes it and runs
+the program again. This time it prints the expected result: a table with four rows and three columns of values.
+What was the problem? A bracket was missing. How was it fixed? The user added the bracket and ran it again.
+
+Summarize the video in one sentence. Count the objects on the table. Is the light on or off at the end?
+Which person speaks first, and what does she say? Explain what changes between the first and the last frame.
+The answer is yes. The answer is no. I am not sure. There are five apples, two oranges and one large melon.
+Long videos contain many frames, and each frame becomes many tokens; the model must find the few moments that
+matter for the question, remember what happened before and after, and give a short, clear, correct answer.
+"""
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on CORPUS, with Qwen's special tokens, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.strip().splitlines(), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_config(tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            # head_dim 32: the t/h/w sections of M-RoPE cover its 16 frequency pairs, in Qwen's 2:3:3 proportion
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+            patch_size=VIDEO_SETTINGS["patch_size"], temporal_patch_size=VIDEO_SETTINGS["temporal_patch_size"],
+            spatial_merge_size=VIDEO_SETTINGS["merge_size"],
+            # window 56 px = 2x2 merged tokens: a 224x224 frame has 16 windows; block 1 attends over the whole frame
+            window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True, dtype="float32")
+
+
+@torch.no_grad()
+def init_weights(model, seed: int = SEED) -> None:
+    """Draw every parameter from one generator, in name order, independently of transformers' own init (which can
+    change between versions). Matrices get std 1/sqrt(fan_in), so activations keep unit scale and the attention
+    logits have a spread near 1: attention is neither uniform (as with the usual std 0.02) nor one-hot. Norm
+    weights are 1, biases small. Values are rounded to bfloat16, the dtype they are stored in."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if param.dim() == 1 and ("norm" in name or "ln_q" in name):
+            values = torch.ones(param.shape)
+        elif param.dim() == 1:
+            values = 0.1 * torch.randn(param.shape, generator=gen)
+        else:
+            values = torch.randn(param.shape, generator=gen) / param[0].numel() ** 0.5
+        param.copy_(values.to(torch.bfloat16).to(param.dtype))
+
+
+def write_checkpoint(out_dir: str, seed: int = SEED) -> str:
+    from safetensors.torch import load_file, save_file
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    init_weights(model, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
+        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id], do_sample=False)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    # Store the weights in bfloat16 (they are bf16 values already) to halve the committed file; config.json keeps
+    # dtype float32, so from_pretrained loads an fp32 model unless asked otherwise.
+    weights_file = os.path.join(out_dir, "model.safetensors")
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in sorted(load_file(weights_file).items())}
+    save_file(state, weights_file, metadata={"format": "pt"})
+    os.chmod(weights_file, 0o644)  # save_file leaves it owner-only
+
+    # Video settings: ours for the engine, and the same budget in Hugging Face's processor files so that
+    # AutoProcessor / Qwen2VLVideoProcessor.from_pretrained read it too where torchvision is available.
+    common = {k: VIDEO_SETTINGS[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                             "image_std")}
+    files = {
+        "spava_ds.json": VIDEO_SETTINGS,
+        "preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "min_pixels": VIDEO_SETTINGS["min_pixels"], "max_pixels": VIDEO_SETTINGS["max_pixels"], **common},
+        "video_preprocessor_config.json": {
+            "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "size": {"shortest_edge": VIDEO_SETTINGS["min_pixels"], "longest_edge": VIDEO_SETTINGS["max_pixels"]},
+            "do_sample_frames": False, "cap_pixels_per_frame": False, **common},
+    }
+    for name, content in files.items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+    return out_dir
+
+
+def main() -> None:
+    default_out = os.path.join(__file__.rsplit("/launch/", 1)[0], "spava_ds", "assets", "tiny-qwen2.5-vl")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=default_out, help="output directory (default: the packaged asset)")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args()
+    out = write_checkpoint(args.out, args.seed)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"wrote {out} ({size / 2**20:.2f} MiB): {', '.join(sorted(os.listdir(out)))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Video input for Qwen2.5-VL-style models: decode and sample frames (PyAV), resize to the model's pixel budget, and
+turn frames into the vision tower's flat patches, without torchvision.
+
+The rules follow transformers' `Qwen2VLVideoProcessor` (which Qwen2.5-VL uses) so that this path and the Hugging
+Face processor give the same tensors:
+
+* sampling: `fps` frames per second (default 2), at least `min_frames` (4) and at most `max_frames` (768), rounded
+  down to a multiple of the temporal patch (2), indices spread uniformly over the whole video;
+* resizing: `smart_resize` (sides multiples of 28, pixels within [min_pixels, max_pixels]) with antialiased bicubic
+  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU;
+* patchify: rescale and normalise with the CLIP mean/std, then the (t, h/2, w/2, 2, 2) patch order the vision
+  tower's 2x2 merger expects; an odd frame count is padded by repeating the last frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+# CLIP normalisation constants (same values as transformers.image_utils.OPENAI_CLIP_MEAN/STD; a test checks that).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Qwen2.5-VL defaults (qwen-vl-utils and transformers' Qwen2VLVideoProcessor).
+DEFAULT_FPS = 2.0
+DEFAULT_MIN_FRAMES = 4
+DEFAULT_MAX_FRAMES = 768
+DEFAULT_MIN_PIXELS = 128 * 28 * 28
+DEFAULT_MAX_PIXELS = 768 * 28 * 28
+
+# Containers that cannot hold H.264: pick a codec they accept when the caller left the default.
+_CODEC_FOR_EXTENSION = {".webm": "libvpx-vp9"}
+
+
+class VideoError(ValueError):
+    """A video that cannot be used: missing, unreadable, corrupt, without a video stream or without frames."""
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+def sample_frame_indices(total_frames: int, source_fps: float, fps: float = DEFAULT_FPS,
+                         max_frames: int | None = None, min_frames: int = DEFAULT_MIN_FRAMES,
+                         temporal_patch_size: int = 2) -> list[int]:
+    """Indices of the frames to keep out of `total_frames`, by Qwen2VLVideoProcessor.sample_frames' rule.
+
+    The count is duration * fps, raised to `min_frames`, capped by `max_frames` and the video's length, then rounded
+    down to a multiple of `temporal_patch_size`; the indices are floor(i * total / count), i.e. uniform over the
+    whole video. Returns [] when not even one temporal patch fits (a video of a single frame): the caller decides.
+    """
+    if total_frames < 0:
+        raise ValueError(f"total_frames must be >= 0, got {total_frames}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not source_fps > 0:
+        raise ValueError(f"source_fps must be > 0, got {source_fps}")
+    max_frames = DEFAULT_MAX_FRAMES if max_frames is None else max_frames
+    if max_frames < temporal_patch_size:
+        raise ValueError(f"max_frames must be at least the temporal patch size {temporal_patch_size}, "
+                         f"got {max_frames}")
+    tp = temporal_patch_size
+    cap = min(max_frames, total_frames) // tp * tp
+    wanted = total_frames / source_fps * fps
+    count = int(min(max(wanted, min_frames), cap, total_frames) // tp * tp)
+    # Integer arithmetic: transformers' float arange can yield one index too many on unlucky ratios.
+    return [i * total_frames // count for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+
+def _import_av():
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError("reading and writing videos needs PyAV: pip install av") from err
+    return av
+
+
+def _open_input(path: str):
+    av = _import_av()
+    try:
+        return av.open(path, mode="r")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise VideoError(f"cannot read video {path!r}: not a readable media file ({err})") from err
+
+
+def _video_stream(container, path: str):
+    if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        raise VideoError(f"{path!r} has no video stream (streams: {kinds})")
+    return container.streams.video[0]
+
+
+def _count_packets(path: str) -> int:
+    """Frame count of containers that do not store one (Matroska/WebM): demux without decoding, one packet a frame."""
+    av = _import_av()
+
+    with _open_input(path) as container:
+        stream = _video_stream(container, path)
+        try:
+            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except av.FFmpegError as err:
+            raise VideoError(f"cannot read video {path!r}: corrupt data ({err})") from err
+
+
+def _decode_selected(path: str, indices: list[int]):
+    """Decode frames in order, keeping those at `indices` (sorted, may repeat). Returns the kept RGB frames, their
+    timestamps (seconds) and the number of frames decoded: all of them when the video ended before the last index."""
+    av = _import_av()
+
+    wanted = set(indices)
+    kept, times = {}, {}
+    decoded = 0
+    with _open_input(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                if decoded in wanted:
+                    kept[decoded] = frame.to_ndarray(format="rgb24")
+                    times[decoded] = float(frame.time) if frame.time is not None else None
+                decoded += 1
+                if len(kept) == len(wanted):
+                    break  # the rest of the video is not needed
+        except av.FFmpegError as err:
+            raise VideoError(f"cannot read video {path!r}: corrupt data after {decoded} frames ({err})") from err
+    return kept, times, decoded
+
+
+def read_video(path: str | os.PathLike, fps: float | None = None, max_frames: int | None = None,
+               min_frames: int = DEFAULT_MIN_FRAMES, temporal_patch_size: int = 2) -> tuple[np.ndarray, dict]:
+    """Decode `path` with PyAV and sample frames uniformly at `fps` (default 2), at most `max_frames` (default 768).
+
+    Returns `(frames, info)`: `frames` is uint8 `[T, H, W, 3]` (RGB) with T a multiple of `temporal_patch_size`
+    (a one-frame video gives that frame repeated, as the HF processor pads); `info` holds `source_fps`,
+    `duration` (s), `num_source_frames`, `indices`, `timestamps` (s, of the kept frames), `sampled_fps` and
+    `second_per_grid_t` (seconds per temporal patch: Qwen2.5-VL's `second_per_grid_ts` for M-RoPE), `width`, `height`.
+    Raises VideoError for a missing, unreadable or corrupt file, one without a video stream, or without frames.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoError(f"video file not found: {path!r}")
+    if not os.path.isfile(path):
+        raise VideoError(f"video path is not a file: {path!r}")
+    fps = DEFAULT_FPS if fps is None else float(fps)
+
+    with _open_input(path) as container:
+        stream = _video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate
+        total = stream.frames  # 0 when the container does not say (Matroska, WebM)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1e6  # microseconds (AV_TIME_BASE)
+        else:
+            duration = None
+    if total <= 0:
+        total = _count_packets(path)
+    if total <= 0:
+        raise VideoError(f"{path!r} has a video stream but no frames")
+
+    for _attempt in range(2):
+        source_fps = float(rate) if rate else (total / duration if duration else None)
+        if not source_fps:
+            raise VideoError(f"cannot determine the frame rate of {path!r}")
+        indices = sample_frame_indices(total, source_fps, fps, max_frames, min_frames, temporal_patch_size)
+        if not indices:  # a single frame: repeat it to fill one temporal patch, as the HF processor pads
+            indices = [0] * temporal_patch_size
+        kept, times, decoded = _decode_selected(path, indices)
+        if len(kept) == len(set(indices)):
+            break
+        # The container announced more frames than could be decoded (e.g. a truncated file): resample on the real count.
+        if decoded == 0:
+            raise VideoError(f"{path!r} has a video stream but no decodable frames")
+        total = decoded
+    else:  # pragma: no cover - the second pass samples within the decoded count
+        raise VideoError(f"cannot decode the sampled frames of {path!r}")
+
+    frames = np.stack([kept[i] for i in indices])
+    if duration is None:
+        duration = total / source_fps
+    distinct = len(set(indices))
+    sampled_fps = distinct / total * source_fps if distinct > 1 else fps
+    info = {
+        "path": path,
+        "source_fps": source_fps,
+        "duration": duration,
+        "num_source_frames": total,
+        "indices": indices,
+        "timestamps": [times[i] if times[i] is not None else i / source_fps for i in indices],
+        "sampled_fps": sampled_fps,
+        "second_per_grid_t": temporal_patch_size / sampled_fps,
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+    }
+    return frames, info
+
+
+# --------------------------------------------------------------------------------------------------- resizing
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Qwen2-VL's target size: sides rounded to multiples of `factor`, keeping the aspect ratio, with the area
+    scaled into [min_pixels, max_pixels] (shrunk with floor, grown with ceil, so the bound holds)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"frame size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
+    new_h = round(height / factor) * factor
+    new_w = round(width / factor) * factor
+    if new_h * new_w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / scale / factor) * factor)
+        new_w = max(factor, math.floor(width / scale / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * scale / factor) * factor
+        new_w = math.ceil(width * scale / factor) * factor
+    return new_h, new_w
+
+
+def _check_frames(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames is empty (T = 0)")
+    return frames
+
+
+def resize_frames(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  factor: int = 28) -> np.ndarray:
+    """Resize uint8 `[T, H, W, 3]` frames to `smart_resize`'s size with antialiased bicubic interpolation.
+
+    torch's uint8 antialiased bicubic kernel is the one torchvision runs for the HF video processor on the CPU, and
+    it is within one grey level of PIL's bicubic (the HF image processor's).
+    """
+    frames = _check_frames(frames)
+    height, width = frames.shape[1:3]
+    new_h, new_w = smart_resize(height, width, factor, min_pixels, max_pixels)
+    if (new_h, new_w) == (height, width):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# --------------------------------------------------------------------------------------------------- patchify
+
+def preprocess_video(frames, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+                     image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames `[T, H, W, 3]` (H, W multiples of patch_size * merge_size) -> the vision tower's input.
+
+    Returns `pixel_values_videos` float32 `[gt*gh*gw, 3*temporal_patch_size*patch_size**2]` and `video_grid_thw`
+    LongTensor `[[gt, gh, gw]]`. Rows are ordered (t, h-block, w-block, h-in-block, w-in-block) so that each run of
+    merge_size**2 rows is one 2x2 group the merger turns into one LLM token; each row is (channel, time, y, x).
+    """
+    frames = _check_frames(frames)
+    num_frames, height, width = frames.shape[:3]
+    side = patch_size * merge_size
+    if height % side or width % side:
+        raise ValueError(f"frame size {height}x{width} is not a multiple of {side} (patch_size * merge_size): "
+                         "resize with resize_frames first")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # T, C, H, W
+    if pad := -num_frames % temporal_patch_size:  # the HF processor repeats the last frame
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        num_frames += pad
+    # Rescale and normalise fused as in transformers: (x - 255 * mean) / (255 * std) in float32.
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    x = (x.to(torch.float32) - mean) / std
+    gt, gh, gw = num_frames // temporal_patch_size, height // patch_size, width // patch_size
+    x = x.reshape(gt, temporal_patch_size, 3, gh // merge_size, merge_size, patch_size,
+                  gw // merge_size, merge_size, patch_size)
+    # -> gt, h-block, w-block, h-in-block, w-in-block, C, t, y, x
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = x.reshape(gt * gh * gw, 3 * temporal_patch_size * patch_size * patch_size).contiguous()
+    return pixel_values, torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=1)
+def hf_video_processor_available() -> bool:
+    """True when transformers' Qwen2VLVideoProcessor can be built (it needs a working torchvision)."""
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        Qwen2VLVideoProcessor()
+        return True
+    except Exception:  # ImportError without torchvision; RuntimeError from a torchvision built for another torch
+        return False
+
+
+def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                              do_resize: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
+                              merge_size: int = 2, image_mean=OPENAI_CLIP_MEAN,
+                              image_std=OPENAI_CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same output as `preprocess_video(resize_frames(frames, ...))` (or without resizing when `do_resize` is
+    False), computed by transformers' Qwen2VLVideoProcessor. Needs torchvision; see hf_video_processor_available()."""
+    frames = _check_frames(frames)
+    if not hf_video_processor_available():
+        raise RuntimeError("transformers' Qwen2VLVideoProcessor cannot be built here (it needs a torchvision that "
+                           "matches torch); use preprocess_video(resize_frames(...)) instead")
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    options = {}
+    if hasattr(Qwen2VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.2x: keep the per-frame budget
+        options["cap_pixels_per_frame"] = False
+    processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size, merge_size=merge_size, image_mean=list(image_mean),
+        image_std=list(image_std), do_resize=do_resize, do_sample_frames=False, **options)
+    out = processor(videos=[frames], return_tensors="pt")
+    return out["pixel_values_videos"], out["video_grid_thw"].to(torch.long)
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+def load_video_settings(model_dir: str | os.PathLike) -> dict:
+    """Video settings of a checkpoint directory: min_pixels, max_pixels, patch_size, temporal_patch_size,
+    merge_size, fps, max_frames, image_mean, image_std.
+
+    Read from `spava_ds.json` (the project's checkpoints), else `video_preprocessor_config.json`, else
+    `preprocessor_config.json` (Hugging Face checkpoints), over the Qwen2.5-VL defaults.
+    """
+    settings = {"min_pixels": DEFAULT_MIN_PIXELS, "max_pixels": DEFAULT_MAX_PIXELS, "patch_size": 14,
+                "temporal_patch_size": 2, "merge_size": 2, "fps": DEFAULT_FPS, "max_frames": DEFAULT_MAX_FRAMES,
+                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
+    for name in ("spava_ds.json", "video_preprocessor_config.json", "preprocessor_config.json"):
+        file = os.path.join(os.fspath(model_dir), name)
+        if not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+        size = cfg.get("size") or {}
+        # HF stores the budget either as min_pixels/max_pixels or as size.shortest_edge/longest_edge.
+        cfg.setdefault("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        cfg.setdefault("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        for key in settings:
+            if cfg.get(key) is not None:
+                settings[key] = cfg[key]
+        break
+    return settings
+
+
+# --------------------------------------------------------------------------------------------------- synthetic
+
+def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Deterministic uint8 `[num_frames, height, width, 3]` frames: a colour gradient drifting in hue, three moving
+    shapes and the frame number, so every frame differs from the others and from other seeds."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if num_frames < 1 or width < 1 or height < 1:
+        raise ValueError(f"need num_frames, width, height >= 1, got {num_frames}, {width}, {height}")
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 2 * np.pi, size=3)
+    colours = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(3)]
+    starts = rng.uniform(0, 1, size=(3, 2))
+    speeds = rng.uniform(-0.15, 0.15, size=(3, 2))
+    sizes = rng.uniform(0.15, 0.35, size=3)
+    try:
+        font = ImageFont.load_default(size=max(8, height // 5))
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    xs = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    ys = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    out = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        phase = base + 0.7 * t  # the background hue turns every frame
+        background = 127.5 + 100 * np.sin(3 * xs + 2 * ys + phase)
+        image = Image.fromarray(background.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for k in range(3):
+            # positions bounce inside the frame (triangle wave of the unbounded path)
+            pos = np.abs((starts[k] + speeds[k] * t) % 2 - 1)
+            cx, cy = pos[0] * width, pos[1] * height
+            r = sizes[k] * min(width, height) / 2
+            box = (cx - r, cy - r, cx + r, cy + r)
+            (draw.ellipse if k == 1 else draw.rectangle)(box, fill=colours[k])
+        draw.text((2, 1), str(t), fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+        out[t] = np.asarray(image)
+    return out
+
+
+def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, height: int, fps: float = 2,
+                          seed: int = 0, codec: str = "libx264") -> str:
+    """Write `synthetic_frames(num_frames, width, height, seed)` as a real video at `fps` with PyAV; the container
+    follows the extension (.mp4, .mkv, .webm, ...). WebM gets VP9 when `codec` is left at the default."""
+    av = _import_av()
+
+    path = os.fspath(path)
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    ext = os.path.splitext(path)[1].lower()
+    if codec == "libx264" and ext in _CODEC_FOR_EXTENSION:
+        codec = _CODEC_FOR_EXTENSION[ext]
+    frames = synthetic_frames(num_frames, width, height, seed)
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec in ("libx264", "libvpx-vp9"):
+            # near-lossless quality, so decoded frames stay close to synthetic_frames (tests match them)
+            stream.options = {"crf": "10"} if codec == "libx264" else {"crf": "10", "b": "0"}
+        for t, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = t
+            frame.time_base = 1 / rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+    return path

@@ -1,0 +1,152 @@
+"""The inference engine on the tiny Qwen2.5-VL: distributed prefill and decoding against dense references.
+
+* ring (exact) and spava with budgets covering every block give the same first-token logits and the same greedy
+  tokens as transformers' own ``generate`` with SDPA (its own KV cache: an independent decode reference);
+* spava's distributed hidden states equal a single-process run of the model whose attention is
+  ``reference_attention`` simulating the same W;
+* the CLI end to end on 2 processes, and its bad-input errors on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from spava_ds import SpavaConfig, ZigzagLayout, reference_attention  # noqa: E402
+
+from dist_utils import run_distributed  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_NEW = 6
+
+
+def _model_dir():
+    from spava_ds.assets import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+def _inputs(engine, t=6, h=8, w=8, question="What is in this video?"):
+    """Prompt ids, M-RoPE positions and random patches of a t x h x w video grid (no decoding needed)."""
+    cfg = engine.model.config
+    g = torch.Generator().manual_seed(t * 100 + h)
+    pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g)
+    grid = torch.tensor([[t, h, w]])
+    context = (engine._ids("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+               + [cfg.vision_start_token_id] + [cfg.video_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id])
+    query = engine._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([context + query])
+    mm = (ids == cfg.video_token_id).int() * 2
+    pos, _ = engine.model.model.get_rope_index(ids, mm, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
+    return dict(input_ids=ids, position_ids=pos, context_len=len(context), query_len=len(query),
+                pixel_values_videos=pixels, video_grid_thw=grid, frames=2 * t, mm_token_type_ids=mm)
+
+
+def _hf_generate(model_dir, inputs):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                    pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                    second_per_grid_ts=torch.tensor([1.0]))
+        seq = model.generate(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                             mm_token_type_ids=inputs["mm_token_type_ids"],
+                             pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                             second_per_grid_ts=torch.tensor([1.0]), max_new_tokens=MAX_NEW, do_sample=False)
+    return out.logits[0, -1].float(), seq[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _reference_hidden(engine, inputs, layout):
+    """One process, the full sequence, every language-model layer's attention = reference_attention(layout)."""
+    from transformers import AttentionInterface
+
+    def ref_attention(module, q, k, v, attention_mask, scaling=None, **kwargs):
+        out = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout,
+                                  layer_idx=module.layer_idx, scale=scaling)
+        return out, None
+
+    AttentionInterface.register("spava_reference_test", ref_attention)
+    model = engine.model
+    model.set_attn_implementation({"text_config": "spava_reference_test", "vision_config": "sdpa", "": "sdpa"})
+    try:
+        with torch.no_grad():
+            out = model(input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                        pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                        second_per_grid_ts=torch.tensor([1.0]), output_hidden_states=True)
+    finally:
+        model.set_attn_implementation({"text_config": "spava", "vision_config": "sdpa", "": "sdpa"})
+    return out.hidden_states[-1], out.logits[0, -1].float()
+
+
+def _engine_checks(rank, world, model_dir):
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+    from spava_ds.integrations.transformers import spava_session, text_decoder
+
+    results = {}
+    for name, cfg in (("ring", SpavaConfig(mode="ring", anchor_len=16)),
+                      ("spava_full", SpavaConfig(anchor_len=16, passing_len=10_000)),
+                      ("ulysses", SpavaConfig(mode="ulysses", anchor_len=8)),
+                      ("spava", SpavaConfig(anchor_len=16, passing_len=6))):
+        engine = SpavaEngine.from_pretrained(model_dir, cfg, fused_vision=False)
+        inputs = _inputs(engine)
+        answer = engine.generate(inputs, GenerationConfig(max_new_tokens=MAX_NEW))
+        results[name] = (answer.first_logits, answer.tokens)
+    # spava's hidden states on this rank against the one-process reference simulation of the same W.
+    engine = SpavaEngine.from_pretrained(model_dir, SpavaConfig(anchor_len=16, passing_len=6), fused_vision=False)
+    inputs = _inputs(engine, t=5)
+    layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], world, engine.config)
+    with torch.no_grad(), spava_session(layout, engine.config) as _:
+        embeds = engine._local_embeddings(inputs, layout)
+        pos = layout.shard(inputs["position_ids"], rank, dim=2)
+        hidden = text_decoder(engine.model)(inputs_embeds=embeds, position_ids=pos,
+                                            use_cache=False).last_hidden_state
+    ref_hidden, _ = _reference_hidden(engine, inputs, layout)
+    results["hidden_err"] = (hidden - layout.shard(ref_hidden, rank)).abs().max().item()
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_engine_modes_match_dense_and_reference():
+    model_dir = _model_dir()
+    per_rank = run_distributed(_engine_checks, 2, model_dir)
+    from spava_ds.engine import SpavaEngine
+
+    engine = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), fused_vision=False)
+    hf_logits, hf_tokens = _hf_generate(model_dir, _inputs(engine))
+    for rank, res in enumerate(per_rank):
+        for name in ("ring", "spava_full", "ulysses"):
+            logits, tokens = res[name]
+            assert (logits - hf_logits).abs().max().item() < 1e-4, (rank, name)
+            assert tokens[:len(hf_tokens)] == hf_tokens, (rank, name, tokens, hf_tokens)
+        assert res["hidden_err"] < 1e-4, (rank, res["hidden_err"])
+        # the approximation is visible on random weights: spava's logits are not dense's
+        assert (res["spava"][0] - hf_logits).abs().max().item() > 1e-4
+    assert per_rank[0]["spava"][1] == per_rank[1]["spava"][1]  # rank 0 samples, every rank follows
+
+
+def _cli(*args, nproc=2, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "launch", "infer.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.timeout(300)
+def test_cli_end_to_end_and_bad_inputs(tmp_path):
+    res = _cli("--check", "--max-new-tokens", "4", "--mode", "ring")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "answer:" in res.stdout and "context tokens:" in res.stdout and "prefill" in res.stdout
+    diff = float(res.stdout.split("logit difference")[1].split()[0])
+    assert diff < 1e-4  # ring is exact
+    missing = _cli("--video", str(tmp_path / "nope.mp4"))
+    assert missing.returncode != 0
+    assert "[rank 0] error" in missing.stderr and "[rank 1] error" in missing.stderr, missing.stderr[-2000:]
+    empty = _cli("--question", "  ")
+    assert empty.returncode != 0 and "question is empty" in empty.stderr
