@@ -55,10 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _spava_config(args):
+def _spava_config(args, world: int):
     from .config import SpavaConfig
+    from .integrations.deepspeed import spava_config_from_deepspeed
 
-    config = SpavaConfig.from_json(args.deepspeed_config) if args.deepspeed_config else SpavaConfig()
+    config, sp_size = spava_config_from_deepspeed(args.deepspeed_config) if args.deepspeed_config else \
+        (SpavaConfig(), world)
+    if sp_size != world:
+        raise ValueError(f"{args.deepspeed_config}: sequence_parallel_size is {sp_size} but {world} process(es) "
+                         "were launched; inference runs one question over all of them")
     overrides = {k: v for k, v in (("mode", args.mode), ("anchor_len", args.anchor_len),
                                    ("passing_len", args.passing_len)) if v is not None}
     return SpavaConfig.from_dict({**config.to_dict(), **overrides})
@@ -96,7 +101,7 @@ def run(args) -> int:
 
     rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    config = _spava_config(args)
+    config = _spava_config(args, world)
     model_dir = args.model or tiny_model_dir()
     if rank == 0:
         log.info("loading %s on %d process(es), mode %s", model_dir, world, config.mode)

@@ -150,3 +150,105 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path):
     assert "[rank 0] error" in missing.stderr and "[rank 1] error" in missing.stderr, missing.stderr[-2000:]
     empty = _cli("--question", "  ")
     assert empty.returncode != 0 and "question is empty" in empty.stderr
+    # The deepspeed launcher with a JSON whose "spava" block configures the attention.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if os.path.exists(launcher):
+        ds = subprocess.run([launcher, "--num_gpus", "2", os.path.join(ROOT, "launch", "infer.py"),
+                             "--deepspeed_config", os.path.join(ROOT, "configs", "spava_sp2.json"),
+                             "--max-new-tokens", "2"], capture_output=True, text=True, timeout=240, env=env)
+        assert ds.returncode == 0 and "answer:" in ds.stdout, ds.stderr[-3000:]
+        wrong = _cli("--deepspeed_config", os.path.join(ROOT, "configs", "spava_sp4_per_layer_budget.json"))
+        assert wrong.returncode != 0 and "sequence_parallel_size is 4 but 2" in wrong.stderr
+
+
+def _text_model_dir(tmp_path, model_type="llama"):
+    """A tiny random Llama (or another architecture) with the embedded tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_model_dir())
+    path = str(tmp_path / model_type)
+    if model_type == "llama":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=0, pad_token_id=0)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    else:
+        from transformers import GPT2Config
+
+        GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _text_and_sampling(rank, world, llama_dir):
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+
+    context = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    out = {}
+    for name, cfg in (("ring", SpavaConfig(mode="ring", anchor_len=8)),
+                      ("spava", SpavaConfig(anchor_len=8, passing_len=4))):
+        engine = SpavaEngine.from_pretrained(llama_dir, cfg)
+        answer = engine.generate(engine.text_inputs(context, " Where is the dog?"), GenerationConfig(MAX_NEW))
+        out[name] = answer.tokens
+    # Sampling: rank 0 samples with the shared seed and broadcasts; ring is exact, so a single process with the
+    # same seed draws the same tokens.
+    engine = SpavaEngine.from_pretrained(_model_dir(), SpavaConfig(mode="ring", anchor_len=16), fused_vision=False)
+    sampled = GenerationConfig(max_new_tokens=MAX_NEW, temperature=1.5, top_p=0.9, seed=3)
+    out["sampled"] = engine.generate(_inputs(engine), sampled).tokens
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_text_model_and_sampling(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+
+    llama_dir = _text_model_dir(tmp_path)
+    per_rank = run_distributed(_text_and_sampling, 2, llama_dir)
+    single = SpavaEngine.from_pretrained(llama_dir, SpavaConfig(mode="dense"))
+    inputs = single.text_inputs(" ".join(["the quick brown fox jumps over the lazy dog"] * 12), " Where is the dog?")
+    ref = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        hf_tokens = ref.generate(inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                                 max_new_tokens=MAX_NEW, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    vl = SpavaEngine.from_pretrained(_model_dir(), SpavaConfig(mode="dense", anchor_len=16), fused_vision=False)
+    sampled = vl.generate(_inputs(vl), GenerationConfig(max_new_tokens=MAX_NEW, temperature=1.5, top_p=0.9,
+                                                         seed=3)).tokens
+    greedy = vl.generate(_inputs(vl), GenerationConfig(max_new_tokens=MAX_NEW)).tokens
+    for res in per_rank:
+        assert res["ring"][:len(hf_tokens)] == hf_tokens
+        assert res["sampled"] == sampled
+    assert per_rank[0]["spava"] == per_rank[1]["spava"]
+    assert sampled != greedy  # the sampling path was really taken
+
+
+def test_engine_rejects_bad_checkpoints(tmp_path):
+    from spava_ds.engine import SpavaEngine
+
+    with pytest.raises(ValueError, match="not a directory"):
+        SpavaEngine.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        SpavaEngine.from_pretrained(_text_model_dir(tmp_path, "gpt2"))
+    engine = SpavaEngine.from_pretrained(_text_model_dir(tmp_path), SpavaConfig(mode="dense"))
+    with pytest.raises(ValueError, match="no vision tower"):
+        engine.video_inputs("whatever.mp4", "What?")
+
+
+@pytest.mark.timeout(300)
+def test_cli_batch_and_too_few_frames(tmp_path):
+    from spava_ds.video import write_synthetic_video
+
+    video = write_synthetic_video(str(tmp_path / "v.webm"), num_frames=12, width=112, height=112, fps=2, seed=1)
+    batch = tmp_path / "q.jsonl"
+    batch.write_text('{"video": "%s", "question": "What moves?"}\n{"video": "%s", "question": "Which colour?"}\n'
+                     % (video, video))
+    res = _cli("--batch", str(batch), "--max-new-tokens", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (tmp_path / "q.answers.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all('"answer"' in line and '"prefill_seconds"' in line for line in lines)
+    few = _cli("--video", video, "--max-frames", "2", nproc=4)
+    assert few.returncode != 0
+    assert "at least 8 are needed for 4 ranks" in few.stderr, few.stderr[-2000:]
