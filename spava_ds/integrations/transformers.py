@@ -38,8 +38,9 @@ class SpavaSession:
     """One sequence's prefill and decoding in a sharded layout (see the module docstring)."""
 
     def __init__(self, layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True):
         self.layout = layout
+        self.keep_cache = keep_cache  # False for training: no decoding follows, keep no K/V around
         self.config = config if config is not None else layout.config
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
@@ -69,7 +70,9 @@ class SpavaSession:
     # ---- called by the attention function ------------------------------------------------------------------------
     def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
         out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
-        self.cache[layer] = tuple(torch.cat([t[:, s:e] for s, e in self.cache_ranges()], dim=1) for t in (k, v))
+        if self.keep_cache:
+            self.cache[layer] = tuple(torch.cat([t[:, s:e] for s, e in self.cache_ranges()], dim=1).detach()
+                                      for t in (k, v))
         return out
 
     def decode_step(self, layer: int, q, k, v, scale) -> torch.Tensor:
@@ -89,9 +92,12 @@ class SpavaSession:
 
 @contextlib.contextmanager
 def spava_session(layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
-                  group: Optional[dist.ProcessGroup] = None):
-    """Run a model whose language model uses ``attn_implementation="spava"`` on one sharded sequence."""
-    session = SpavaSession(layout, config, group)
+                  group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True):
+    """Run a model whose language model uses ``attn_implementation="spava"`` on one sharded sequence.
+
+    For training (forward and backward, no decoding) pass ``keep_cache=False``.
+    """
+    session = SpavaSession(layout, config, group, keep_cache)
     token = _SESSION.set(session)
     try:
         yield session
