@@ -73,13 +73,18 @@ class SpavaEngine:
         group: the sequence-parallel group (default: the world); ``comm.SELF`` runs this process alone.
         settings: engine defaults (``spava_ds.json`` of a checkpoint: fps, max_frames, min/max_pixels).
         fused_vision: run the vision tower's attention as one variable-length call.
+        simulate_world: run the whole sequence in this process and simulate W ranks with ``reference_attention``
+            in the prefill (accuracy studies at any W on one device; decoding is exact, as in the real engine).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: Optional[SpavaConfig] = None, group=None,
-                 settings: Optional[dict] = None, fused_vision: bool = True):
+                 settings: Optional[dict] = None, fused_vision: bool = True, simulate_world: Optional[int] = None):
         self.config = config if config is not None else SpavaConfig()
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
+        if simulate_world is not None and self.world != 1:
+            raise ValueError("simulate_world runs in one process: pass group=spava_ds.comm.SELF")
+        self.simulate_world = simulate_world
         self.model = model.eval()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -95,7 +100,7 @@ class SpavaEngine:
     @classmethod
     def from_pretrained(cls, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
                         device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                        fused_vision: bool = True) -> "SpavaEngine":
+                        fused_vision: bool = True, simulate_world: Optional[int] = None) -> "SpavaEngine":
         """Load a local checkpoint: Qwen2.5-VL (videos) or a Qwen2/Llama text model.
 
         ``device``/``dtype`` default to this rank's GPU in bf16, else the CPU in fp32.
@@ -122,7 +127,7 @@ class SpavaEngine:
         from .video import load_video_settings
 
         return cls(model, AutoTokenizer.from_pretrained(model_dir), config, group, load_video_settings(model_dir),
-                   fused_vision)
+                   fused_vision, simulate_world)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _stop_ids(self) -> set:
@@ -182,9 +187,13 @@ class SpavaEngine:
                     query_len=len(query))
 
     # ---- prefill and decoding -------------------------------------------------------------------------------------
+    def _shard(self, x: torch.Tensor, layout: ZigzagLayout, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens (all of them when simulating)."""
+        return x if self.simulate_world else layout.shard(x, self.rank, dim)
+
     def _local_embeddings(self, inputs: dict, layout: ZigzagLayout) -> torch.Tensor:
         ids = inputs["input_ids"]
-        local_ids = layout.shard(ids, self.rank).to(self.device)
+        local_ids = self._shard(ids, layout).to(self.device)
         embed = text_decoder(self.model).embed_tokens
         embeds = embed(local_ids)
         if "pixel_values_videos" in inputs:
@@ -196,8 +205,8 @@ class SpavaEngine:
             features = (frame_parallel_vision(visual, pixels, grid, group=self.group) if self.world > 1
                         else encode_video(visual, pixels, grid))
             is_video = ids == self.model.config.video_token_id
-            order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(self.device)
-            local_video = layout.shard(is_video, self.rank).to(self.device)
+            order = self._shard(torch.cumsum(is_video, dim=1) - 1, layout).to(self.device)
+            local_video = self._shard(is_video, layout).to(self.device)
             embeds[local_video] = features[order[local_video]].to(embeds.dtype)
         return embeds
 
@@ -219,14 +228,15 @@ class SpavaEngine:
     def generate(self, inputs: dict, gen: Optional[GenerationConfig] = None) -> Answer:
         """Prefill (with the vision encoder) and decode one sequence; returns the answer with timings."""
         gen = gen or GenerationConfig()
-        layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], self.world, self.config)
+        layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], self.simulate_world or self.world,
+                              self.config)
         decoder, lm_head = text_decoder(self.model), self.model.get_output_embeddings()
         positions = inputs["position_ids"]
-        local_pos = layout.shard(positions, self.rank, dim=positions.dim() - 1).to(self.device)
+        local_pos = self._shard(positions, layout, dim=positions.dim() - 1).to(self.device)
         generator = torch.Generator().manual_seed(gen.seed)
         self._sync()
         start = time.perf_counter()
-        with spava_session(layout, self.config, self.group) as session:
+        with spava_session(layout, self.config, self.group, simulate=bool(self.simulate_world)) as session:
             embeds = self._local_embeddings(inputs, layout)
             hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False).last_hidden_state
             first_logits = lm_head(hidden[:, -1]).float()[0]

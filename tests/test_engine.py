@@ -129,6 +129,15 @@ def test_engine_modes_match_dense_and_reference():
         # the approximation is visible on random weights: spava's logits are not dense's
         assert (res["spava"][0] - hf_logits).abs().max().item() > 1e-4
     assert per_rank[0]["spava"][1] == per_rank[1]["spava"][1]  # rank 0 samples, every rank follows
+    # One process simulating W = 2 (reference prefill, exact decoding) gives what the 2 processes gave.
+    from spava_ds import comm
+    from spava_ds.engine import GenerationConfig
+
+    sim = SpavaEngine.from_pretrained(model_dir, SpavaConfig(anchor_len=16, passing_len=6), group=comm.SELF,
+                                      fused_vision=False, simulate_world=2)
+    answer = sim.generate(_inputs(sim), GenerationConfig(max_new_tokens=MAX_NEW))
+    assert (answer.first_logits - per_rank[0]["spava"][0]).abs().max().item() < 1e-4
+    assert answer.tokens == per_rank[0]["spava"][1]
 
 
 def _cli(*args, nproc=2, timeout=240):

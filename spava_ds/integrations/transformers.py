@@ -29,6 +29,7 @@ from .. import comm, kernels
 from ..attention import sp_attention
 from ..config import SpavaConfig
 from ..layout import ZigzagLayout
+from ..reference import reference_attention
 
 ATTN_NAME = "spava"
 _SESSION: contextvars.ContextVar[Optional["SpavaSession"]] = contextvars.ContextVar("spava_session", default=None)
@@ -38,9 +39,12 @@ class SpavaSession:
     """One sequence's prefill and decoding in a sharded layout (see the module docstring)."""
 
     def __init__(self, layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
-                 group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True):
+                 group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True, simulate: bool = False):
         self.layout = layout
         self.keep_cache = keep_cache  # False for training: no decoding follows, keep no K/V around
+        # simulate: one process holds the whole sequence in global order and the prefill runs reference_attention
+        # for the layout's W (accuracy studies at any W on one device); decoding is exact over the whole cache.
+        self.simulate = simulate
         self.config = config if config is not None else layout.config
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
@@ -55,6 +59,8 @@ class SpavaSession:
 
     def cache_ranges(self) -> List[Tuple[int, int]]:
         """Local (start, end) ranges of the prefill tokens this rank keeps: anchor share, blocks, query on rank 0."""
+        if self.simulate:
+            return [(0, self.layout.total_len)]
         seg = self.layout.local_segments(self.rank)
         a0, a1 = self.layout.anchor_share(self.rank)
         ranges = [(a0, a1), (seg.block1[0], seg.block2[1])]
@@ -69,7 +75,10 @@ class SpavaSession:
 
     # ---- called by the attention function ------------------------------------------------------------------------
     def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
-        out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
+        if self.simulate:
+            out = reference_attention(q, k, v, self.layout, self.config, layer_idx=layer, scale=scale)
+        else:
+            out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
         if self.keep_cache:
             self.cache[layer] = tuple(torch.cat([t[:, s:e] for s, e in self.cache_ranges()], dim=1).detach()
                                       for t in (k, v))
@@ -92,12 +101,14 @@ class SpavaSession:
 
 @contextlib.contextmanager
 def spava_session(layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
-                  group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True):
+                  group: Optional[dist.ProcessGroup] = None, keep_cache: bool = True, simulate: bool = False):
     """Run a model whose language model uses ``attn_implementation="spava"`` on one sharded sequence.
 
-    For training (forward and backward, no decoding) pass ``keep_cache=False``.
+    For training (forward and backward, no decoding) pass ``keep_cache=False``. With ``simulate=True`` one process
+    runs the whole sequence (global order) and the prefill simulates the layout's W ranks with
+    ``reference_attention``.
     """
-    session = SpavaSession(layout, config, group, keep_cache)
+    session = SpavaSession(layout, config, group, keep_cache, simulate)
     token = _SESSION.set(session)
     try:
         yield session
