@@ -173,7 +173,7 @@ def main():
             rows.append(dict(block=block, anchor=la, passing=p, variant=label, ms=ms, tflops=flops / ms / 1e9,
                              max_err=err, of_dense=flops / ms / 1e9 / dense_best))
         torch.cuda.empty_cache()
-    print(f"\n| block | anchor | passing | variant | ms | TFLOP/s | of dense | max abs err |")
+    print("\n| block | anchor | passing | variant | ms | TFLOP/s | of dense | max abs err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         of = f"{100 * r['of_dense']:.0f}%" if r.get("of_dense") else "-"

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import random
 import re

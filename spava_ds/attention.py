@@ -233,7 +233,7 @@ def _backward(plan: _Plan, dout, q, k, v, out, state):
         pre = anchor_kv if pre is None else torch.cat([pre, anchor_kv], dim=1)
         args = (dout[:, rows], q[:, rows])
         lse_b2 = state["lse_b2"]
-        gq, gk, gv = kernels.attend_backward(*args[:2], pre[..., :d], pre[..., d:], out[:, rows], lse_b2, **kw)
+        gq, gk, gv = kernels.attend_backward(*args, pre[..., :d], pre[..., d:], out[:, rows], lse_b2, **kw)
         dq[:, rows] += gq
         n_pass = pre.shape[1] - la
         dk[:, :la] += gk[:, n_pass:]

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from typing import List, Optional
 
 import torch

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist

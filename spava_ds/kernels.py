@@ -12,6 +12,7 @@ last one also takes fp32), ``flash_attn`` (the flash-attn package, when installe
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -23,11 +24,7 @@ AttnOut = Tuple[torch.Tensor, torch.Tensor]
 
 
 def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:

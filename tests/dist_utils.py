@@ -55,6 +55,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     for p in procs:
         p.start()
     out, errors = {}, {}
+    first_error = None
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:
         while len(out) + len(errors) < world_size:
