@@ -7,11 +7,14 @@ One training sample is the inference prompt of ``SpavaEngine.video_inputs`` foll
 
 Loss: mean cross-entropy over the answer tokens (and the closing ``<|im_end|>``). Each SP rank computes logits only
 where labels exist and weighs every labelled token by ``replicated_token_weights`` (``1/W`` in the query), so the
-*sum* of the ranks' losses is the sequence's mean loss. That sum is what the gradients need: DeepSpeed all-reduces
-gradients over the sequence-and-data-parallel group and divides by ``world / sequence_parallel_size`` (the data-
-parallel size only; ``runtime/engine.py`` and ``zero/stage_1_and_2.py``/``stage3.py`` in 0.19.8), i.e. it sums over
-the SP ranks and averages over data parallelism. ``frame_parallel_vision`` does the same for the vision features:
-its backward sums the feature gradients over the ranks.
+*sum* of the ranks' losses is the sequence's mean loss, and the sum of their gradients is its gradient.
+``frame_parallel_vision`` keeps to this: its backward sums the feature gradients over the ranks.
+
+Gradient reduction: DeepSpeed 0.19.8 is *not* given ``sequence_parallel_size``. With it, ``engine.backward`` gave
+gradients that differ from the SP sum by 0-30% per tensor on the CPU (tests/test_finetune.py found it; the same
+backward followed by a plain all-reduce is exact), so the SP groups are built here (``sp_group``) and DeepSpeed sees
+plain data parallelism over all ranks: it averages gradients over the world, and ``engine.backward(loss * W)``
+turns that average into the sum over the SP ranks and the mean over the data-parallel groups.
 """
 
 from __future__ import annotations
@@ -119,6 +122,22 @@ class VideoQAModel(torch.nn.Module):
         weights = replicated_token_weights(layout, self.rank, device)[mask]
         total = int((sample["labels"] != IGNORE_INDEX).sum())
         return (token_loss * weights).sum() / total
+
+
+def sp_group(sp_size: int):
+    """This rank's sequence-parallel group: blocks of ``sp_size`` consecutive ranks (every rank builds them all, as
+    ``new_group`` requires). ``comm.SELF`` when ``sp_size`` is 1."""
+    if sp_size == 1:
+        return comm.SELF
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % sp_size:
+        raise ValueError(f"sequence parallel size {sp_size} does not divide the {world} processes")
+    mine = None
+    for start in range(0, world, sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start <= rank < start + sp_size:
+            mine = group
+    return mine
 
 
 def sequence_loss(share: torch.Tensor, group) -> torch.Tensor:

@@ -257,8 +257,8 @@ def sp_shard_batch(batch: Dict[str, Any], query_len: int, group: Optional[dist.P
 def replicated_token_weights(layout: ZigzagLayout, rank: int, device=None) -> torch.Tensor:
     """Per-token loss weights ``[s_local]`` for this rank: 1 for its own blocks, ``1/W`` for the anchor and the
     query, which every rank holds. Summed over the group, every token of the sequence then counts once, so the
-    partial gradients of the replicated tokens add up to the true gradient (DeepSpeed sums gradients over the
-    sequence-parallel ranks)."""
+    partial gradients of the replicated tokens add up to the true gradient once the parameter gradients are summed
+    over the sequence-parallel ranks (see docs/deepspeed.md on how launch/finetune.py does that with DeepSpeed)."""
     seg = layout.local_segments(rank)
     weights = torch.ones(layout.local_len(rank), device=device)
     for start, end in (seg.anchor, seg.query):

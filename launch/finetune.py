@@ -1,0 +1,349 @@
+"""Fine-tune a Qwen2.5-VL checkpoint on video question answering with sequence parallelism (DeepSpeed launcher).
+
+    deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config configs/finetune_zero2_sp2.json \\
+        --model spava_ds/assets/tiny-qwen2.5-vl --train data/train.jsonl --eval data/test.jsonl --output runs/tiny
+
+Every SP group (``sequence_parallel_size`` consecutive ranks) trains on one sequence at a time, sharded by
+``ZigzagLayout``: the language model runs the JSON's ``"spava"`` mode (``ring``, exact, unless the block says
+otherwise), the vision tower runs frame-parallel with its backward, and the loss covers the answer tokens only
+(``spava_ds.training``). Data-parallel groups take different samples. See docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
+from spava_ds.integrations.transformers import spava_attn_implementation  # noqa: E402
+from spava_ds.tasks import load_records  # noqa: E402
+from spava_ds.training import VideoQAModel, add_answer, exact_match, sp_group  # noqa: E402
+
+log = logging.getLogger("spava_ds.finetune")
+CHECKPOINTS = "checkpoints"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"spava\" block (configs/)")
+    p.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL checkpoint directory")
+    p.add_argument("--train", required=True, help="jsonl of {video, question, answer} (spava_ds.tasks writes one)")
+    p.add_argument("--eval", default=None, help="held-out jsonl for accuracy and loss")
+    p.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, model/ (the export)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate when the JSON has no optimizer block")
+    p.add_argument("--warmup_ratio", type=float, default=0.1,
+                   help="warmup share of the steps (a torch schedule, or the JSON scheduler's \"auto\" warmup)")
+    p.add_argument("--eval_every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
+    p.add_argument("--eval_limit", type=int, default=None, help="evaluate on the first N held-out records")
+    p.add_argument("--eval_max_new_tokens", type=int, default=8)
+    p.add_argument("--eval_mode", default=None, help="attention mode for evaluation (default: the training mode)")
+    p.add_argument("--save_every", type=int, default=0, help="optimizer steps between checkpoints (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints (its 'latest' tag)")
+    p.add_argument("--no_export", action="store_true", help="skip save_pretrained at the end")
+    p.add_argument("--fps", type=float, default=None, help="video sampling rate (default: the checkpoint's)")
+    p.add_argument("--max_frames", type=int, default=None, help="frame cap (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    return p.parse_args(argv)
+
+
+# ---- setup ----------------------------------------------------------------------------------------------------------
+def _init_distributed():
+    import deepspeed
+    import deepspeed.ops
+
+    created = not dist.is_initialized()
+    if not torch.cuda.is_available():
+        # CPU runs: skip the JIT build of DeepSpeed's shared-memory comm op (25-50 s); gloo does the collectives.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return created
+
+
+def _ds_config(args, world: int, train_micro_steps: int):
+    """The JSON as DeepSpeed gets it: spava block validated and removed, mesh sizes and "auto" schedule filled.
+
+    Every check here runs identically on every rank before any collective, so a bad config fails everywhere.
+    """
+    with open(args.deepspeed_config, encoding="utf-8") as f:
+        ds = json.load(f)
+    block = dict(ds.get("spava") or {})
+    block.setdefault("mode", "ring")  # exact attention is the training default; "spava" trains the approximation
+    ds["spava"] = block
+    spava_config, sp = spava_config_from_deepspeed(ds)
+    del ds["spava"]
+    src = args.deepspeed_config
+    if world % sp:
+        raise ValueError(f"{src}: sequence_parallel_size {sp} does not divide the {world} processes")
+    dp = world // sp
+    if ds.get("data_parallel_size", dp) != dp:
+        raise ValueError(f"{src}: data_parallel_size {ds['data_parallel_size']} != processes / sequence_parallel_size"
+                         f" = {dp}")
+    if ds.get("train_micro_batch_size_per_gpu", 1) != 1:
+        raise ValueError(f"{src}: train_micro_batch_size_per_gpu must be 1 (one video sequence per SP group; use "
+                         "gradient_accumulation_steps for larger batches)")
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch, accumulation and data parallelism
+    # DeepSpeed sees plain data parallelism over all ranks; the SP groups are ours (spava_ds.training docstring).
+    ds.pop("sequence_parallel_size", None)
+    ds.pop("data_parallel_size", None)
+    gas = ds.get("gradient_accumulation_steps", 1)
+    micro_per_epoch = train_micro_steps // dp
+    if micro_per_epoch < gas:
+        raise ValueError(f"{args.train}: {train_micro_steps} records give {micro_per_epoch} sequences per data-parallel "
+                         f"group, fewer than gradient_accumulation_steps={gas}")
+    total = args.max_steps or max(1, math.floor(args.epochs * micro_per_epoch / gas))
+    params = (ds.get("scheduler") or {}).get("params", {})
+    for key, value in (("total_num_steps", total), ("warmup_num_steps", max(1, round(args.warmup_ratio * total)))):
+        if params.get(key) == "auto":
+            params[key] = value
+    return ds, spava_config, sp, dp, gas, total, micro_per_epoch
+
+
+def _torch_schedule(total: int, warmup: int):
+    """Linear warmup to the peak, then cosine decay to 10% of it (used when the JSON has no "scheduler")."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: peak RSS
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(ds_engine, qa: VideoQAModel, infer, records, args, dp_rank: int, dp: int, zero_stage: int) -> dict:
+    """Held-out exact-match accuracy (greedy decoding by the SpavaEngine) and answer loss.
+
+    Data-parallel groups split the records, except under ZeRO-3, where every rank must run the same module calls
+    (parameters are all-gathered per module) and all groups evaluate all records.
+    """
+    from spava_ds.engine import GenerationConfig
+
+    qa.eval()
+    mine = records if zero_stage == 3 else records[dp_rank::dp]
+    results, loss_sum = [], torch.zeros(2)
+    for record in mine:
+        inputs = infer.video_inputs(record["video"], record["question"], args.fps, args.max_frames)
+        share = ds_engine(add_answer(infer, inputs, record["answer"]))
+        answer = infer.generate(inputs, GenerationConfig(max_new_tokens=args.eval_max_new_tokens))
+        loss_sum += torch.tensor([share.item(), 1.0 / qa.world])  # SP shares sum to the loss; count once per group
+        results.append({"id": record.get("id"), "task": record.get("task"), "answer": record["answer"],
+                        "prediction": answer.text, "correct": exact_match(answer.text, record["answer"])})
+    qa.train()
+    dist.all_reduce(loss_sum)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results if qa.rank == 0 else [])
+    if zero_stage == 3:  # every data-parallel group evaluated everything: keep group 0's results
+        gathered = gathered[:1]
+    predictions = [r for part in gathered for r in part]
+    per_task = {}
+    for r in predictions:
+        per_task.setdefault(r["task"], []).append(r["correct"])
+    loss = float(loss_sum[0] / loss_sum[1])  # per (group, record) pair: the mean answer loss
+    return {"accuracy": sum(r["correct"] for r in predictions) / max(1, len(predictions)), "loss": loss,
+            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())}, "predictions": predictions}
+
+
+# ---- export ---------------------------------------------------------------------------------------------------------
+def export(qa: VideoQAModel, tokenizer, settings: dict, model_dir: str, out_dir: str, zero_stage: int) -> None:
+    """save_pretrained of the trained model, its tokenizer and spava_ds.json (video settings), on rank 0."""
+    import contextlib
+
+    import deepspeed
+
+    gather = (deepspeed.zero.GatheredParameters(list(qa.model.parameters()), modifier_rank=None)
+              if zero_stage == 3 else contextlib.nullcontext())
+    with gather:  # ZeRO-3 holds 1/N of every parameter per rank: assemble them for the save
+        if dist.get_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            qa.model.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+            with open(os.path.join(out_dir, "spava_ds.json"), "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=2)
+            for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+                if os.path.isfile(os.path.join(model_dir, name)):
+                    shutil.copy(os.path.join(model_dir, name), out_dir)
+    dist.barrier()
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import deepspeed
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from spava_ds.engine import SpavaEngine
+    from spava_ds.video import load_video_settings
+
+    created = _init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_TqdmHandler()], force=True)
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+
+    # Everything that can fail on bad input does so here, identically on every rank, before any collective.
+    train_records = load_records(args.train)
+    eval_records = load_records(args.eval)[:args.eval_limit] if args.eval else []
+    ds, spava_config, sp, dp, gas, total_steps, micro_per_epoch = _ds_config(args, world, len(train_records))
+    if args.resume and not os.path.isfile(os.path.join(args.output, CHECKPOINTS, "latest")):
+        raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {os.path.join(args.output, CHECKPOINTS)} "
+                                "(its 'latest' file is missing)")
+    settings = load_video_settings(args.model)
+    settings.update({k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None})
+    longest = max(r.get("frames", 0) for r in train_records + eval_records)
+    if longest > settings["max_frames"]:
+        log.warning("records have up to %d frames but max_frames is %d: frames are subsampled and short needles "
+                    "may be dropped (raise --max_frames)", longest, settings["max_frames"])
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    hf_config = AutoConfig.from_pretrained(args.model)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation=spava_attn_implementation(hf_config)).to(device)
+    qa = VideoQAModel(model, spava_config)
+    optimizer = None if "optimizer" in ds else torch.optim.AdamW(qa.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = None if "scheduler" in ds else _torch_schedule(total_steps, max(1, round(args.warmup_ratio *
+                                                                                          total_steps)))
+    engine, *_ = deepspeed.initialize(model=qa, model_parameters=[p for p in qa.parameters() if p.requires_grad],
+                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    group = sp_group(sp)
+    qa.set_group(group)
+    dp_rank = rank // sp  # SP groups are blocks of consecutive ranks in DeepSpeed's (data, sequence) mesh
+    zero_stage = engine.zero_optimization_stage()
+    # The inference engine builds the prompts (training and evaluation see the same one) and decodes for accuracy.
+    infer = SpavaEngine(qa.model, _tokenizer(args.model), spava_config, group, settings, fused_vision=False)
+    if args.eval_mode is not None:
+        infer.config = dataclasses.replace(spava_config, mode=args.eval_mode)
+    qa.train()
+
+    micro = 0
+    ckpt_dir = os.path.join(args.output, CHECKPOINTS)
+    if args.resume:
+        path, client = engine.load_checkpoint(ckpt_dir)
+        if path is None:
+            raise RuntimeError(f"--resume: DeepSpeed could not load a checkpoint from {ckpt_dir}")
+        micro = client["micro_step"]
+        log.info("resumed from %s at step %d", path, engine.global_steps)
+    metrics_path = os.path.join(args.output, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        log.info("training %s: %d records, %d x %d (data x sequence parallel), %s, ZeRO %d, %d steps of %d "
+                 "sequence(s) per group", args.model, len(train_records), dp, sp, spava_config.mode, zero_stage,
+                 total_steps, gas)
+
+    def record_for(m: int):
+        """The record of micro step ``m`` for this data-parallel group: a fixed shuffle per epoch, so a resumed run
+        continues the same order."""
+        epoch, within = divmod(m, micro_per_epoch)
+        order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(args.seed + epoch))
+        return train_records[int(order[within * dp + dp_rank])]
+
+    def write_metrics(entry: dict):
+        if rank == 0:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def run_eval(step: int):
+        if not eval_records:
+            return None
+        result = evaluate(engine, qa, infer, eval_records, args, dp_rank, dp, zero_stage)
+        log.info("eval step %d | accuracy %.3f | loss %.4f | %s", step, result["accuracy"], result["loss"],
+                 " ".join(f"{t} {a:.2f}" for t, a in result["per_task"].items()))
+        write_metrics({"step": step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"],
+                       "eval_per_task": result["per_task"]})
+        if rank == 0:
+            with open(os.path.join(args.output, f"eval_step{step}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in result["predictions"])
+        return result
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=engine.global_steps, desc="finetune", unit="step", disable=rank != 0,
+               dynamic_ncols=True)
+    last_eval = None
+    step_loss, step_tokens, start = torch.zeros(1), 0, time.perf_counter()
+    while engine.global_steps < total_steps:
+        record = record_for(micro)
+        sample = add_answer(infer, infer.video_inputs(record["video"], record["question"], args.fps,
+                                                      args.max_frames), record["answer"])
+        loss = engine(sample)
+        engine.backward(loss * sp)  # DeepSpeed averages over all ranks: x W makes it a sum over the SP group
+        engine.step()
+        micro += 1
+        step_loss += loss.detach().float().cpu()
+        step_tokens += sample["input_ids"].shape[1]
+        if micro % gas:
+            continue
+        # the step's loss: the sum of the SP shares, averaged over accumulation and data-parallel groups
+        dist.all_reduce(step_loss)
+        mean_loss = step_loss.item() / (gas * dp)
+        elapsed = time.perf_counter() - start
+        step = engine.global_steps
+        grad_norm = engine.get_global_grad_norm()
+        entry = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0],
+                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                 "tokens_per_s": step_tokens * dp / elapsed, "mem_gib": _memory_gib()}
+        write_metrics(entry)
+        log.info("step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s | mem %.2f GiB", step, total_steps,
+                 mean_loss, entry["lr"], f"{entry['grad_norm']:.3f}" if grad_norm is not None else "-",
+                 entry["tokens_per_s"], entry["mem_gib"])
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{entry['lr']:.2e}")
+        bar.update(1)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={"micro_step": micro})
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            last_eval = run_eval(step)
+        step_loss, step_tokens, start = torch.zeros(1), 0, time.perf_counter()
+    bar.close()
+
+    step = engine.global_steps
+    engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={"micro_step": micro})
+    last_eval = run_eval(step) or last_eval
+    if not args.no_export:
+        export(qa, infer.tokenizer, settings, args.model, os.path.join(args.output, "model"), zero_stage)
+        log.info("exported %s", os.path.join(args.output, "model"))
+    summary = {"steps": step, "eval": {k: v for k, v in (last_eval or {}).items() if k != "predictions"}}
+    if created:
+        dist.destroy_process_group()  # an orderly exit: without it gloo can abort at interpreter shutdown
+    return summary
+
+
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+if __name__ == "__main__":
+    main()
