@@ -236,7 +236,8 @@ class SpavaEngine:
         generator = torch.Generator().manual_seed(gen.seed)
         self._sync()
         start = time.perf_counter()
-        with spava_session(layout, self.config, self.group, simulate=bool(self.simulate_world)) as session:
+        keep_cache = gen.max_new_tokens > 1  # a one-token answer needs no KV cache
+        with spava_session(layout, self.config, self.group, keep_cache, simulate=bool(self.simulate_world)) as session:
             embeds = self._local_embeddings(inputs, layout)
             hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False).last_hidden_state
             first_logits = lm_head(hidden[:, -1]).float()[0]
@@ -244,7 +245,8 @@ class SpavaEngine:
             self._sync()
             prefill_seconds = time.perf_counter() - start
             tokens = [token]
-            session.decode()
+            if keep_cache:
+                session.decode()
             next_pos = int(positions.max()) + 1
             while len(tokens) < gen.max_new_tokens and tokens[-1] not in self.stop_ids:
                 pos = torch.full((1, 1), next_pos + len(tokens) - 1, device=self.device)

@@ -1,0 +1,159 @@
+"""launch/bench_e2e.py on the CPU: every code path of the GPU benchmark, with the tiny checkpoint over 2 processes.
+
+One ``torchrun --nproc_per_node 2 launch/bench_e2e.py --tiny`` run (about 15 s here) covers: dense on rank 0 alone,
+ring, ulysses, star, apb, spava, PyTorch's context_parallel (its own ring code, through a CPU shim of the op it
+dispatches), the Spava ablations; the first-token check against dense; the breakdown probes and a profiler
+trace; the --max-context skip; an out-of-memory skip of dense (injected); resuming from an existing --out (a done
+measurement kept, one interrupted once retried, one interrupted twice not). Then ``--plot`` tabulates the JSON
+and, with matplotlib, draws the PNG; in one process (no torchrun) only dense runs, and --time-budget 0 runs nothing.
+The Spava ablations are four rows: -overlap, -fused query pass, -frame parallelism, and apb as -zigzag.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "bench_e2e.py")
+ALL = ["dense", "spava", "ring", "torch_cp", "apb", "ulysses", "star", "spava_no_overlap", "spava_no_fused",
+       "spava_no_fp"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_e2e", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_e2e")
+    out = tmp / "tiny.json"
+    # A previous run's file at 640 tokens: star done (kept as is); apb left "running" by a second interrupted job
+    # (crashed: not retried); spava_no_fp left "running" once (retried).
+    prior = {"meta": {"card": "CPU"}, "runs": [{"card": "CPU"}], "results": [
+        dict(case="tiny/112x112/640/W2", model="tiny", resolution="112x112", target=640, method="star", gpus=2,
+             gpus_job=2, status="ok", ttft=123.0, lm=100.0, vision=20.0, frames=0, context_tokens=0,
+             size=[112, 112], peak_mem_gib=[0.0, 0.0]),
+        dict(case="tiny/112x112/640/W2", model="tiny", resolution="112x112", target=640, method="apb", gpus=2,
+             gpus_job=2, status="running", attempts=2, size=[112, 112]),
+        dict(case="tiny/112x112/640/W2", model="tiny", resolution="112x112", target=640, method="spava_no_fp",
+             gpus=2, gpus_job=2, status="running", attempts=1, size=[112, 112]),
+    ]}
+    out.write_text(json.dumps(prior))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, "--tiny",
+           "--contexts", "320", "640", "4096", "--max-context", "1000", "--iters", "1", "--out", str(out),
+           "--trace", str(tmp / "traces"), "--breakdown-methods", "spava", "ulysses", "--inject-oom", "dense@640"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res, json.loads(out.read_text()), tmp
+
+
+def _entries(data, target):
+    return {r["method"]: r for r in data["results"] if r["target"] == target}
+
+
+@pytest.mark.timeout(180)
+def test_tiny_run_measures_every_method(tiny_run):
+    res, data, tmp = tiny_run
+    at = _entries(data, 320)
+    assert sorted(at) == sorted(ALL)
+    for method, r in at.items():
+        assert r["status"] == "ok", r
+        assert r["ttft"] > 0 and r["lm"] > 0 and r["vision"] > 0 and len(r["ttft_all"]) == 1
+        assert r["gpus"] == (1 if method == "dense" else 2) and r["context_tokens"] + r["query_tokens"] > 300
+        assert (r["context_tokens"] + r["query_tokens"]) % 4 == 0  # padded for PyTorch CP's head-tail split
+    for method in ("ring", "ulysses", "torch_cp"):  # exact: the same first token as dense (fp32 on the CPU)
+        assert at[method]["logit_rel_diff"] < 1e-4 and at[method]["same_first_token"], at[method]
+    for method in ("spava", "apb", "star", "spava_no_fused"):  # approximate with these budgets: differ
+        assert at[method]["logit_rel_diff"] > 1e-6, at[method]
+    # The ablations that change only the schedule compute what spava computes.
+    for method in ("spava_no_overlap", "spava_no_fp"):
+        assert at[method]["logit_rel_diff"] == pytest.approx(at["spava"]["logit_rel_diff"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.timeout(180)
+def test_tiny_run_breakdown_skips_and_resume(tiny_run):
+    res, data, tmp = tiny_run
+    spava = _entries(data, 320)["spava"]
+    assert len(spava["breakdown_per_rank"]) == 2
+    for b in spava["breakdown_per_rank"]:
+        assert b["selection"] > 0 and b["attention"] > b["selection"] and b["linear"] > 0 and b["vision"] > 0
+        assert b["vision_gather"] > 0 and b["communication"] >= 0
+        assert abs(b["gaps"]) < 0.5 * b["total"]
+    uly = _entries(data, 320)["ulysses"]["breakdown_per_rank"][0]
+    assert uly["communication"] > 0 and uly["selection"] == 0
+    traces = sorted(os.listdir(tmp / "traces"))
+    assert any("spava_rank0" in t for t in traces) and any("spava_rank1" in t for t in traces)
+    # 640: dense out of memory (injected) is skipped with a message, the others run; star came from the old file,
+    # apb had crashed there.
+    at = _entries(data, 640)
+    assert at["dense"]["status"] == "oom" and "out of memory" in at["dense"]["message"]
+    assert at["spava"]["status"] == "ok" and "logit_rel_diff" not in at["spava"]
+    assert at["star"]["ttft"] == 123.0
+    assert at["apb"]["status"] == "crashed"
+    assert at["spava_no_fp"]["status"] == "ok" and at["spava_no_fp"]["attempts"] == 2
+    assert all(r["status"] == "skipped" for r in _entries(data, 4096).values()) and len(_entries(data, 4096)) == 10
+    # The markdown tables come last.
+    tail = res.stdout[res.stdout.index("### Qwen2.5-VL-tiny"):]
+    assert "| context | frames | method |" in tail and "spava -overlap" in tail and "oom:" in tail
+    assert "| ~4K | | all methods | | skipped: above --max-context 1000" in tail
+    assert "Breakdown of one instrumented run" in tail and "all measurements done" in tail
+    assert "no video decoding" in res.stdout
+
+
+@pytest.mark.timeout(120)
+def test_plot_step(tiny_run, capsys):
+    _, data, tmp = tiny_run
+    bench = _load_script()
+    png = tmp / "plot.png"
+    assert bench.main(["--plot", str(tmp / "tiny.json"), "--plot-out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| context | frames | method |" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not importable" in printed and not png.exists()
+    else:
+        assert png.exists() and png.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(120)
+def test_one_process_and_time_budget(tmp_path, capsys):
+    """Without torchrun only dense runs; --time-budget 0 starts nothing and still prints the tables."""
+    import torch
+
+    bench = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "one.json"
+        assert bench.main(["--tiny", "--out", str(out), "--iters", "1", "--breakdown-methods", "dense"]) == 0
+        (entry,) = json.loads(out.read_text())["results"]
+        assert entry["method"] == "dense" and entry["status"] == "ok" and entry["case"] == "tiny/112x112/320/W1"
+        assert entry["breakdown_per_rank"][0]["communication"] == 0 and entry["breakdown_per_rank"][0]["linear"] > 0
+        assert "only the dense methods run" in capsys.readouterr().out
+        none = tmp_path / "none.json"
+        assert bench.main(["--tiny", "--out", str(none), "--time-budget", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert "time budget reached" in printed and "all measurements done" not in printed
+        assert json.loads(none.read_text())["results"] == []
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_frame_counts_follow_the_qwen_grid():
+    bench = _load_script()
+    assert bench.tokens_per_step(640, 360, 4 * 28 * 28, 0) == (299, (644, 364))     # 23 x 13 merged tokens
+    assert bench.tokens_per_step(1280, 720, 4 * 28 * 28, 0) == (1196, (1288, 728))  # 46 x 26
+    assert bench.parse_context("128K") == 131072 and bench.parse_context("16384") == 16384
