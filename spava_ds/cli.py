@@ -73,8 +73,8 @@ def _default_video(rank: int) -> str:
     from .video import write_synthetic_video
 
     folder = tempfile.mkdtemp(prefix=f"spava_video_r{rank}_")
-    return write_synthetic_video(os.path.join(folder, "synthetic.mp4"), num_frames=32, width=224, height=224,
-                                 fps=4, seed=0)
+    return write_synthetic_video(os.path.join(folder, "synthetic.mp4"), num_frames=64, width=224, height=224,
+                                 fps=2, seed=0)
 
 
 def _records(args) -> List[dict]:
