@@ -189,7 +189,7 @@ def main() -> None:
 
     log(f"\nQwen2.5-VL vision tower, {world} x {card}, {dtype}, {width}x{height} video resized to the Qwen grid; "
         f"median of {args.iters} after {args.warmup} warm-up")
-    log(f"| model | frames | merged tokens | attention | GPUs | time (ms) | speedup vs transformers | max abs diff |")
+    log("| model | frames | merged tokens | attention | GPUs | time (ms) | speedup vs transformers | max abs diff |")
     log("|---|---|---|---|---|---|---|---|")
     for shape, frames, tokens, backend, w, seconds, speedup, diff, scale in rows:
         log(f"| {shape} | {frames} | {tokens} | {backend} | {w} | {seconds * 1e3:.1f} | {speedup:.2f}x | "
