@@ -810,8 +810,10 @@ def plot(paths: List[str], out: str) -> int:
         print(f"matplotlib is not importable here: install it (pip install matplotlib) and rerun --plot; "
               f"no PNG written ({out})")
         return 0
+    # one row of panels per (model, resolution, GPUs in the job, card): ratios only within one run on one card
     series: Dict[tuple, Dict[str, list]] = {}
     for d in datas:
+        card = d.get("meta", {}).get("card", "")
         results = [r for r in d["results"] if r.get("status") == "ok"]
         for r in results:
             if r["method"].startswith("dense"):
@@ -820,35 +822,38 @@ def plot(paths: List[str], out: str) -> int:
                      and x.get("gpus_job") == r.get("gpus_job")]
             if not dense:
                 continue
-            panel = (r["model"], r["resolution"])
-            name = f"{LABELS.get(r['method'], r['method'])} ({r['gpus']} GPUs)"
-            s = series.setdefault(panel, {}).setdefault(name, [])
+            panel = (r["model"], r["resolution"], r["gpus"], card)
+            s = series.setdefault(panel, {}).setdefault(r["method"], [])
             s.append((r["context_tokens"], min(x["ttft"] for x in dense) / r["ttft"],
                       min(x["lm"] for x in dense) / r["lm"]))
     if not series:
         print("nothing to plot (no method with a dense baseline at the same context)")
         return 0
     panels = sorted(series)
+    methods = sorted({m for panel in panels for m in series[panel]})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour per method everywhere
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, 4.2 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
+        model, resolution, gpus, card = panel
         for col, (idx, what) in enumerate(((1, "time to first token"), (2, "LM prefill only"))):
             ax = axes[row][col]
-            for name, pts in sorted(series[panel].items()):
+            for method, pts in sorted(series[panel].items()):
                 pts = sorted(pts)
-                style = "-o" if name.startswith("spava (") else "--."
-                ax.plot([p[0] for p in pts], [p[idx] for p in pts], style, label=name)
+                full = method in ("spava", "ring", "ulysses", "star", "apb", "torch_cp")
+                ax.plot([p[0] for p in pts], [p[idx] for p in pts], "-o" if full else "--.",
+                        lw=2.5 if method == "spava" else 1.2, color=colours[method],
+                        label=LABELS.get(method, method))
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xscale("log", base=2)
             ticks = sorted({p[0] for pts in series[panel].values() for p in pts})
             ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1024 else str(t) for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel("context tokens")
-            ax.set_ylabel("speedup vs dense on 1 GPU")
-            ax.set_title(f"Qwen2.5-VL-{panel[0]} shape, {panel[1]}: {what}")
+            ax.set_ylabel(f"speedup vs dense on 1 GPU")
+            ax.set_title(f"{model} shape, {resolution}, {gpus} GPUs ({card}): {what}", fontsize=10)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
-    card = datas[0].get("meta", {}).get("card", "")
-    fig.suptitle(f"bench_e2e: speedup against dense attention on one GPU ({card})")
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("bench_e2e: speedup against dense attention on one GPU of the same machine")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

