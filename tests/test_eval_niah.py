@@ -45,6 +45,21 @@ def test_niah_two_processes(tmp_path):
     table = _load_script().summarize([str(out)], str(tmp_path / "t.md"), None)
     assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
 
+    # The same cases simulated in one process at W = 2 and 4 (one dense run shared): W = 2 equals the real run.
+    sim = tmp_path / "sim.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "eval_niah.py"), "--simulate", "2", "4", "--lengths", "300",
+           "--cases", "1", "--tasks", "single", "multikey", "--methods", "dense", "spava", "--passing-len", "8",
+           "--max-new-tokens", "8", "--cache-dir", str(tmp_path / "smollm2"), "--out", str(sim)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    simulated = {(r["case"], r["method"], r["world_size"]): r for r in map(json.loads, sim.read_text().splitlines())}
+    assert set(simulated) == {(c, m, w) for c in (0, 1) for m in ("dense", "spava") for w in (2, 4)}
+    for case in (0, 1):
+        real, one = by[(case, "spava")], simulated[(case, "spava", 2)]
+        assert one["simulated"] and one["answer"] == real["answer"]
+        assert abs(one["kl_first_token"] - real["kl_first_token"]) < 1e-4 * max(1.0, real["kl_first_token"])
+        assert simulated[(case, "dense", 4)]["answer"] == by[(case, "dense")]["answer"]
+
 
 def test_cases_are_reproducible_and_place_the_needle():
     from transformers import AutoTokenizer
