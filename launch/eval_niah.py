@@ -136,8 +136,8 @@ def smollm2_dir(cache_dir: str, gguf: Optional[str] = None) -> str:
 
 
 def method_config(method: str, args) -> SpavaConfig:
-    overrides = {k: v for k, v in (("anchor_len", args.anchor_len), ("passing_len", args.passing_len))
-                 if v is not None and method in ("spava", "apb")}
+    overrides = {k: v for k, v in (("anchor_len", args.anchor_len), ("passing_len", args.passing_len),
+                                   ("pool_kernel", args.pool_kernel)) if v is not None and method in ("spava", "apb")}
     return SpavaConfig(mode=method, **overrides)
 
 
@@ -181,6 +181,10 @@ def evaluate(args) -> None:
     # tasks alternate within a length, so a run cut short still has both
     cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
              for length in args.lengths for i in range(args.cases) for task in args.tasks]
+    if args.case_ids:  # a subset, numbered as in the full run (same seed, lengths and --cases)
+        if max(args.case_ids) >= len(cases) or min(args.case_ids) < 0:
+            raise ValueError(f"--case-ids must lie in 0..{len(cases) - 1}")
+        keep = set(args.case_ids)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = open(args.out, "w", encoding="utf-8") if rank == 0 and args.out else None
     progress = None
@@ -188,9 +192,11 @@ def evaluate(args) -> None:
     if rank == 0:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(cases), desc=f"NIAH W={label}", unit="case")
+        progress = tqdm(total=len(args.case_ids or cases), desc=f"NIAH W={label}", unit="case")
     start = time.time()
     for n, case in enumerate(cases):
+        if args.case_ids and n not in keep:
+            continue
         inputs = prompt_inputs(tokenizer, case)
         results, seconds = {}, {}
         for key, engine in engines.items():
@@ -219,7 +225,7 @@ def evaluate(args) -> None:
             progress.update(1)
     if rank == 0:
         progress.close()
-        print(f"{len(cases)} cases x {len(engines)} engines at W={label} in {time.time() - start:.0f} s"
+        print(f"{len(args.case_ids or cases)} cases x {len(engines)} engines at W={label} in {time.time() - start:.0f} s"
               + (f"; results in {args.out}" if args.out else ""))
     if world > 1:
         dist.barrier()
@@ -289,6 +295,8 @@ def main(argv=None):
                    help="simulate these world sizes in one process (reference_attention), e.g. --simulate 4 8")
     p.add_argument("--anchor-len", type=int)
     p.add_argument("--passing-len", type=int)
+    p.add_argument("--pool-kernel", type=int, help="override Spava's/APB's score pooling width (odd; 1 = none)")
+    p.add_argument("--case-ids", type=int, nargs="+", help="run only these case numbers of the full list")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results .jsonl (rank 0 writes it)")
