@@ -8,8 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["spava_ds", "spava_ds.*"]),
-    # the embedded tiny Qwen2.5-VL checkpoint (spava_ds.assets.tiny_model_dir()) ships with the package
-    package_data={"spava_ds.assets": ["tiny-qwen2.5-vl/*"]},
+    # the embedded checkpoints (spava_ds.assets: the tiny random one and the trained one) ship with the package
+    package_data={"spava_ds.assets": ["tiny-qwen2.5-vl/*", "videoqa-small/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     # torch is not pinned here: install the build for your machine first (CPU CI: torch==2.13.0).

@@ -1,6 +1,6 @@
 """``spava-infer``: answer questions about a video with Spava over several processes.
 
-    torchrun --standalone --nproc_per_node 2 launch/infer.py                      # embedded tiny model + video
+    torchrun --standalone --nproc_per_node 2 launch/infer.py --check      # embedded model, generated task video
     torchrun --nproc_per_node 4 launch/infer.py --model DIR --video clip.mp4 --question "What happens?"
     deepspeed --num_gpus 4 launch/infer.py --deepspeed_config configs/spava_sp2.json --model DIR --video v.mkv ...
     torchrun --nproc_per_node 2 launch/infer.py --model DIR --batch questions.jsonl --output answers.jsonl
@@ -30,9 +30,15 @@ DEFAULT_QUESTION = "What is in this video?"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spava-infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)")
-    p.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a synthetic video made on the fly")
-    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the embedded model trained on "
+                                   "spava_ds.tasks)")
+    p.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a held-out synthetic task video "
+                                   "(spava_ds.tasks) made on the fly, with its question and expected answer")
+    p.add_argument("--question", help=f"default: the synthetic task's question, or {DEFAULT_QUESTION!r} with --video")
+    p.add_argument("--task", choices=["retrieval", "ordering", "counting"], default="retrieval",
+                   help="without --video: the synthetic task to make a video for")
+    p.add_argument("--task-frames", type=int, default=64, help="without --video: frames of the synthetic video")
+    p.add_argument("--task-seed", type=int, default=0, help="without --video: which held-out video (0, 1, ...)")
     p.add_argument("--batch", help="a .jsonl file of {\"video\": ..., \"question\": ...} records to answer")
     p.add_argument("--output", help="with --batch: where to write the answers (.jsonl; default: next to --batch)")
     p.add_argument("--mode", choices=["spava", "ring", "ulysses", "dense", "star", "apb"],
@@ -68,18 +74,24 @@ def _spava_config(args, world: int):
     return SpavaConfig.from_dict({**config.to_dict(), **overrides})
 
 
-def _default_video(rank: int) -> str:
-    """A synthetic video written by every rank into its own temporary folder (no shared file system needed)."""
-    from .video import write_synthetic_video
+def _task_video(rank: int, task: str, frames: int, index: int) -> dict:
+    """A held-out synthetic task video (spava_ds.tasks, test split: seeds the training split never uses) and its
+    question and answer, written by every rank into its own temporary folder (no shared file system needed)."""
+    from .tasks import generate_split, load_records
 
-    folder = tempfile.mkdtemp(prefix=f"spava_video_r{rank}_")
-    return write_synthetic_video(os.path.join(folder, "synthetic.mp4"), num_frames=64, width=224, height=224,
-                                 fps=2, seed=0)
+    if frames < 6:
+        raise ValueError(f"--task-frames must be at least 6, got {frames}")
+    if index < 0:
+        raise ValueError(f"--task-seed must be >= 0, got {index}")
+    folder = tempfile.mkdtemp(prefix=f"spava_task_r{rank}_")
+    # generate_split numbers videos from 0; the one asked for is the last of index + 1 records
+    split = generate_split(folder, "test", index + 1, frames=frames, tasks=(task,))
+    return load_records(split)[index]
 
 
 def _records(args) -> List[dict]:
     if not args.batch:
-        return [dict(video=args.video, question=args.question)]
+        return [dict(video=args.video, question=args.question)]  # video None: a synthetic task video (run)
     if not os.path.exists(args.batch):
         raise ValueError(f"--batch {args.batch!r} does not exist")
     records = []
@@ -95,13 +107,13 @@ def _records(args) -> List[dict]:
 
 def run(args) -> int:
     from . import comm
-    from .assets import tiny_model_dir
+    from .assets import default_model_dir
     from .engine import GenerationConfig, SpavaEngine, dense_engine_like
 
     rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     config = _spava_config(args, world)
-    model_dir = args.model or tiny_model_dir()
+    model_dir = args.model or default_model_dir()
     if rank == 0:
         log.info("loading %s on %d process(es), mode %s", model_dir, world, config.mode)
     engine = SpavaEngine.from_pretrained(model_dir, config, dtype=dtype)
@@ -117,8 +129,13 @@ def run(args) -> int:
 
         progress = tqdm(total=len(records), desc="answering", unit="q")
     for rec in records:
-        video = rec["video"] or _default_video(rank)
-        inputs = engine.video_inputs(video, rec["question"], args.fps, args.max_frames)
+        if not rec["video"]:
+            task = _task_video(rank, args.task, args.task_frames, args.task_seed)
+            rec = dict(rec, video=task["video"], task=task["task"])
+            if rec["question"] is None:
+                rec.update(question=task["question"], expected=task["answer"])
+        rec["question"] = DEFAULT_QUESTION if rec["question"] is None else rec["question"]
+        inputs = engine.video_inputs(rec["video"], rec["question"], args.fps, args.max_frames)
         answer = engine.generate(inputs, gen)
         result = dict(rec, answer=answer.text, context_tokens=answer.context_tokens,
                       prefill_seconds=round(answer.prefill_seconds, 4), mode=config.mode, world_size=world)
@@ -142,6 +159,9 @@ def run(args) -> int:
 def _print_answer(result: dict, inputs: dict) -> None:
     print(f"question: {result['question']}")
     print(f"answer: {result['answer']}")
+    if "expected" in result:
+        verdict = "correct" if result["answer"].strip().rstrip(".").lower() == result["expected"].lower() else "wrong"
+        print(f"expected answer: {result['expected']} ({verdict}; {result['task']} task, held-out synthetic video)")
     print(f"context tokens: {result['context_tokens']} ({inputs['frames']} frames), query tokens: "
           f"{inputs['query_len']}, mode {result['mode']} on {result['world_size']} process(es)")
     print(f"prefill (vision + language model + first token): {result['prefill_seconds']:.3f} s")
