@@ -155,6 +155,48 @@ def against_dense(answer, dense) -> dict:
                 kl_first_token=kl_divergence(dense.first_logits, answer.first_logits))
 
 
+def method_engines(base: SpavaEngine, args, rank: int, world: int, worlds: List[int],
+                   settings: Optional[dict] = None) -> Dict[tuple, SpavaEngine]:
+    """(method, W) -> engine over ``base``'s weights. Dense (key W = None) runs on rank 0 alone; with
+    ``args.simulate`` every other method is simulated at each of ``worlds`` in one process (ring is skipped there:
+    exact by construction, real processes check it against dense); otherwise the methods run over the job's ranks."""
+    engines: Dict[tuple, SpavaEngine] = {}
+    for method in args.methods:
+        if method == "dense":
+            if rank == 0:
+                engines[method, None] = base
+        elif args.simulate:
+            if method != "ring":
+                for w in worlds:
+                    engines[method, w] = SpavaEngine(base.model, base.tokenizer, method_config(method, args),
+                                                     comm.SELF, settings, simulate_world=w)
+        else:
+            engines[method, world] = SpavaEngine(base.model, base.tokenizer, method_config(method, args), None,
+                                                 settings)
+    return engines
+
+
+def run_methods(engines: Dict[tuple, SpavaEngine], inputs: dict, gen: GenerationConfig, world: int):
+    """Every engine's answer to one input and its wall time; barriers keep the ranks together around rank 0's
+    dense run."""
+    results, seconds = {}, {}
+    for key, engine in engines.items():
+        if key[0] != "dense" and world > 1:
+            dist.barrier()  # rank 0 may still be in the dense run
+        tic = time.perf_counter()
+        results[key] = engine.generate(inputs, gen)
+        seconds[key] = time.perf_counter() - tic
+    if world > 1:
+        dist.barrier()
+    return results, seconds
+
+
+def write_record(out, record: dict) -> None:
+    if out:
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+
 def evaluate(args) -> None:
     rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
     if args.simulate and world > 1:
@@ -172,19 +214,8 @@ def evaluate(args) -> None:
     # fp32 by default, also on GPUs: the comparison with dense should show the approximation, not bf16 rounding.
     base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF,
                                        dtype=getattr(torch, args.dtype))
-    model, tokenizer = base.model, base.tokenizer  # one copy of the weights serves every method
-    engines: Dict[tuple, SpavaEngine] = {}  # (method, W) -> engine; dense is W-independent (key W = None)
-    for method in args.methods:
-        if method == "dense":
-            if rank == 0:
-                engines[method, None] = base
-        elif args.simulate:
-            if method != "ring":  # ring is exact by construction; real processes check it against dense
-                for w in worlds:
-                    engines[method, w] = SpavaEngine(model, tokenizer, method_config(method, args), comm.SELF,
-                                                     simulate_world=w)
-        else:
-            engines[method, world] = SpavaEngine(model, tokenizer, method_config(method, args))
+    tokenizer = base.tokenizer
+    engines = method_engines(base, args, rank, world, worlds)  # one copy of the weights serves every method
     rng = random.Random(args.seed)
     # tasks alternate within a length, so a run cut short still has both
     cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
@@ -206,15 +237,7 @@ def evaluate(args) -> None:
         if args.case_ids and n not in keep:
             continue
         inputs = prompt_inputs(tokenizer, case)
-        results, seconds = {}, {}
-        for key, engine in engines.items():
-            if key[0] != "dense" and world > 1:
-                dist.barrier()  # rank 0 may still be in the dense run
-            tic = time.perf_counter()
-            results[key] = engine.generate(inputs, gen)
-            seconds[key] = time.perf_counter() - tic
-        if world > 1:
-            dist.barrier()
+        results, seconds = run_methods(engines, inputs, gen, world)
         if rank == 0:
             dense = results.get(("dense", None))
             for (method, w), answer in results.items():
@@ -224,9 +247,7 @@ def evaluate(args) -> None:
                                   value=case.value, answer=answer.text,
                                   correct=extract_number(answer.text) == case.value,
                                   seconds=round(seconds[method, w], 4), **against_dense(answer, dense))
-                    if out:
-                        out.write(json.dumps(record) + "\n")
-                        out.flush()
+                    write_record(out, record)
             progress.update(1)
     if rank == 0:
         progress.close()

@@ -38,7 +38,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_niah import METHODS, add_common_args, against_dense, method_config, plot_accuracy  # noqa: E402  (shared with the text NIAH study)
+# shared with the text NIAH study
+from eval_niah import (METHODS, add_common_args, against_dense, method_engines, plot_accuracy,  # noqa: E402
+                       run_methods, write_record)
 from spava_ds import SpavaConfig, comm  # noqa: E402
 from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
 from spava_ds.tasks import TASKS, load_records  # noqa: E402
@@ -53,27 +55,6 @@ def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
     return cases
 
 
-def build_engines(args, rank: int, world: int):
-    """One engine per method over one copy of the weights (dense on rank 0 only: one process, the reference), and
-    the dense engine that preprocesses the videos."""
-    base = SpavaEngine.from_pretrained(args.model, SpavaConfig(mode="dense"), group=comm.SELF,
-                                       dtype=getattr(torch, args.dtype))
-    model, tokenizer, settings = base.model, base.tokenizer, base.settings
-    w = args.simulate or world
-    engines: Dict[str, SpavaEngine] = {}
-    for method in args.methods:
-        if method == "dense":
-            if rank == 0:
-                engines[method] = base
-        elif args.simulate:
-            if method != "ring":  # reference_attention simulates spava/star/apb; ring equals dense by construction
-                engines[method] = SpavaEngine(model, tokenizer, method_config(method, args), comm.SELF, settings,
-                                              simulate_world=w)
-        else:
-            engines[method] = SpavaEngine(model, tokenizer, method_config(method, args), None, settings)
-    return engines, base
-
-
 def evaluate(args) -> None:
     rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
     if args.simulate and world > 1:
@@ -82,7 +63,10 @@ def evaluate(args) -> None:
     w = args.simulate or world
     cases = load_cases(args.tests, args.limit)
     max_frames = args.max_frames or max(int(c.get("frames", 0)) for c in cases) or None
-    engines, base = build_engines(args, rank, world)
+    # dense preprocesses every video once; one copy of the weights serves every method
+    base = SpavaEngine.from_pretrained(args.model, SpavaConfig(mode="dense"), group=comm.SELF,
+                                       dtype=getattr(torch, args.dtype))
+    engines = method_engines(base, args, rank, world, [w], base.settings)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = None
     if rank == 0 and args.out:
@@ -100,24 +84,16 @@ def evaluate(args) -> None:
         steps = int(inputs["video_grid_thw"][0, 0])
         if steps < world:  # frame-parallel vision gives every real rank at least one temporal step
             raise ValueError(f"{case['video']}: {steps} temporal steps, fewer than the {world} processes")
-        results = {}
-        for method, engine in engines.items():
-            if method != "dense" and world > 1:
-                dist.barrier()  # rank 0 may still be in the dense run
-            results[method] = engine.generate(inputs, gen)
-        if world > 1:
-            dist.barrier()
+        results, _ = run_methods(engines, inputs, gen, world)
         if rank == 0:
-            dense = results.get("dense")
-            for method, answer in results.items():
+            dense = results.get(("dense", None))
+            for (method, _), answer in results.items():
                 record = dict(id=case.get("id"), task=case.get("task"), frames=int(inputs["frames"]),
                               context_tokens=inputs["context_len"], world_size=w, simulated=bool(args.simulate),
                               method=method, expected=case["answer"], answer=answer.text,
                               correct=exact_match(answer.text, case["answer"]),
                               prefill_s=round(answer.prefill_seconds, 4), **against_dense(answer, dense))
-                if out:
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
+                write_record(out, record)
             progress.update(1)
     if rank == 0:
         progress.close()
