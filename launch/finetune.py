@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, model/ (the export)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop training after this wall time (then checkpoint, evaluate, export as at the end)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate when the JSON has no optimizer block")
     p.add_argument("--warmup_ratio", type=float, default=0.1,
                    help="warmup share of the steps (a torch schedule, or the JSON scheduler's \"auto\" warmup)")
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default: the checkpoint's)")
     p.add_argument("--max_frames", type=int, default=None, help="frame cap (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="DataLoader processes that decode and preprocess the next videos while the GPU trains "
+                        "(0: in the training process)")
     return p.parse_args(argv)
 
 
@@ -126,6 +131,27 @@ def _torch_schedule(total: int, warmup: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _MicroSteps(torch.utils.data.Dataset):
+    """The training samples of micro steps ``first .. last - 1``, in order, for a DataLoader to prefetch."""
+
+    def __init__(self, make, first: int, last: int):
+        self.make, self.first, self.last = make, first, last
+
+    def __len__(self):
+        return max(0, self.last - self.first)
+
+    def __getitem__(self, i):
+        return self.make(self.first + i)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over all ranks (through the GPU under NCCL, which reduces CUDA tensors only)."""
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def _memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -162,7 +188,7 @@ def evaluate(ds_engine, qa: VideoQAModel, infer, records, args, dp_rank: int, dp
         results.append({"id": record.get("id"), "task": record.get("task"), "answer": record["answer"],
                         "prediction": answer.text, "correct": exact_match(answer.text, record["answer"])})
     qa.train()
-    dist.all_reduce(loss_sum)
+    loss_sum = _all_reduce_sum(loss_sum)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results if qa.rank == 0 else [])
     if zero_stage == 3:  # every data-parallel group evaluated everything: keep group 0's results
@@ -269,6 +295,11 @@ def main(argv=None) -> dict:
         order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(args.seed + epoch))
         return train_records[int(order[within * dp + dp_rank])]
 
+    def prepare(record: dict) -> dict:
+        """Decode, patchify and tokenize one record (CPU only: safe in DataLoader worker processes)."""
+        return add_answer(infer, infer.video_inputs(record["video"], record["question"], args.fps, args.max_frames),
+                          record["answer"])
+
     def write_metrics(entry: dict):
         if rank == 0:
             with open(metrics_path, "a", encoding="utf-8") as f:
@@ -292,26 +323,31 @@ def main(argv=None) -> dict:
     bar = tqdm(total=total_steps, initial=engine.global_steps, desc="finetune", unit="step", disable=rank != 0,
                dynamic_ncols=True)
     last_eval = None
-    step_loss, step_tokens, start = torch.zeros(1), 0, time.perf_counter()
+    samples = iter(torch.utils.data.DataLoader(
+        _MicroSteps(lambda m: prepare(record_for(m)), micro, total_steps * gas), batch_size=None,
+        num_workers=args.num_workers, prefetch_factor=4 if args.num_workers else None,
+        multiprocessing_context="fork" if args.num_workers else None))  # fork: the closure is not pickled
+    step_loss, step_tokens, start = torch.zeros(2), 0, time.perf_counter()  # [loss sum, stop vote]
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     while engine.global_steps < total_steps:
-        record = record_for(micro)
-        sample = add_answer(infer, infer.video_inputs(record["video"], record["question"], args.fps,
-                                                      args.max_frames), record["answer"])
+        sample = next(samples)
         loss = engine(sample)
         engine.backward(loss * sp)  # DeepSpeed averages over all ranks: x W makes it a sum over the SP group
         engine.step()
         micro += 1
-        step_loss += loss.detach().float().cpu()
+        step_loss[0] += loss.detach().float().cpu()
         step_tokens += sample["input_ids"].shape[1]
         if micro % gas:
             continue
+        # Rank 0's clock decides, shared by the reduction below, so every rank stops after the same step.
+        step_loss[1] = float(rank == 0 and deadline is not None and time.monotonic() > deadline)
         # the step's loss: the sum of the SP shares, averaged over accumulation and data-parallel groups
-        dist.all_reduce(step_loss)
-        mean_loss = step_loss.item() / (gas * dp)
+        step_loss = _all_reduce_sum(step_loss)
+        mean_loss = step_loss[0].item() / (gas * dp)
         elapsed = time.perf_counter() - start
         step = engine.global_steps
         grad_norm = engine.get_global_grad_norm()
-        entry = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0],
+        entry = {"step": step, "time": time.time(), "loss": mean_loss, "lr": engine.get_lr()[0],
                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "tokens_per_s": step_tokens * dp / elapsed, "mem_gib": _memory_gib()}
         write_metrics(entry)
@@ -324,7 +360,10 @@ def main(argv=None) -> dict:
             engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={"micro_step": micro})
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
             last_eval = run_eval(step)
-        step_loss, step_tokens, start = torch.zeros(1), 0, time.perf_counter()
+        if step_loss[1] > 0:
+            log.info("--max_minutes %g reached: stopping at step %d of %d", args.max_minutes, step, total_steps)
+            break
+        step_loss, step_tokens, start = torch.zeros(2), 0, time.perf_counter()
     bar.close()
 
     step = engine.global_steps

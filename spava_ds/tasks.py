@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 from fractions import Fraction
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
@@ -155,6 +155,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "10"}
+        stream.codec_context.thread_count = 1  # x264's output depends on its thread count: one makes files reproducible
         for t, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             frame.pts, frame.time_base = t, 1 / rate
@@ -171,16 +172,29 @@ def split_seeds(split: str, count: int, seed: int = 0) -> List[int]:
     return [seed * 10 ** 7 + _SPLIT_SEED_BASE[split] + i for i in range(count)]
 
 
-def generate_split(out_dir: str, split: str, count: int, frames: int = 32, width: int = 112, height: int = 112,
-                   fps: float = 2.0, hold: int = 2, seed: int = 0, tasks: Sequence[str] = TASKS,
-                   max_count: int = 5, progress: bool = False) -> str:
+def _write_video(job: tuple) -> dict:
+    """Render and write one video; returns its record (top level: run in worker processes by generate_split)."""
+    out_dir, split, i, video_seed, frames, width, height, fps, hold, task, max_count = job
+    rng = np.random.default_rng(video_seed)
+    record = {"id": f"{split}-{i:05d}", "video": f"{split}/{i:05d}.mp4", "frames": frames, "fps": fps,
+              "width": width, "height": height, "seed": video_seed, "split": split}
+    record.update(make_task(task, frames, rng, hold, max_count))
+    write_mp4(os.path.join(out_dir, record["video"]), render_video(record, rng), fps)
+    return record
+
+
+def generate_split(out_dir: str, split: str, count: int, frames: Union[int, Sequence[int]] = 32, width: int = 112,
+                   height: int = 112, fps: float = 2.0, hold: int = 2, seed: int = 0, tasks: Sequence[str] = TASKS,
+                   max_count: int = 5, progress: bool = False, workers: int = 1) -> str:
     """Write ``count`` videos under ``out_dir/split/`` and ``out_dir/split.jsonl``; returns the jsonl path.
 
-    Tasks alternate in ``tasks`` order so every split is balanced.
+    Tasks alternate in ``tasks`` order so every split is balanced; with several ``frames`` (lengths), each task
+    cycles through them. ``workers`` processes render the videos; the output does not depend on it.
     """
+    lengths = [frames] if isinstance(frames, int) else [int(f) for f in frames]
     if width % 2 or height % 2:
         raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
-    if hold < 1 or frames < 3 * hold:
+    if not lengths or hold < 1 or min(lengths) < 3 * hold:
         raise ValueError(f"need hold >= 1 and frames >= 3 * hold (room for separate needles), got frames={frames}, "
                          f"hold={hold}")
     for task in tasks:
@@ -188,20 +202,28 @@ def generate_split(out_dir: str, split: str, count: int, frames: int = 32, width
             raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     jsonl = os.path.join(out_dir, f"{split}.jsonl")
-    seeds = split_seeds(split, count, seed)
-    iterator = enumerate(seeds)
+    jobs = [(out_dir, split, i, video_seed, lengths[(i // len(tasks)) % len(lengths)], width, height, fps, hold,
+             tasks[i % len(tasks)], max_count) for i, video_seed in enumerate(split_seeds(split, count, seed))]
+    pool = None
+    if workers > 1 and count > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, count))
+        records = pool.imap(_write_video, jobs, chunksize=8)
+    else:
+        records = map(_write_video, jobs)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=count, desc=f"{split} videos", unit="video")
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for i, video_seed in iterator:
-            rng = np.random.default_rng(video_seed)
-            record = {"id": f"{split}-{i:05d}", "video": f"{split}/{i:05d}.mp4", "frames": frames, "fps": fps,
-                      "width": width, "height": height, "seed": video_seed, "split": split}
-            record.update(make_task(tasks[i % len(tasks)], frames, rng, hold, max_count))
-            write_mp4(os.path.join(out_dir, record["video"]), render_video(record, rng), fps)
-            f.write(json.dumps(record) + "\n")
+        records = tqdm(records, total=count, desc=f"{split} videos", unit="video")
+    try:
+        with open(jsonl, "w", encoding="utf-8") as f:
+            for record in records:  # in index order whatever the worker count
+                f.write(json.dumps(record) + "\n")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return jsonl
 
 
@@ -229,7 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder (train.jsonl, test.jsonl, train/, test/)")
     parser.add_argument("--train", type=int, default=200, help="training videos")
     parser.add_argument("--test", type=int, default=50, help="held-out test videos")
-    parser.add_argument("--frames", type=int, default=32, help="frames per video (the length parameter)")
+    parser.add_argument("--frames", default="32",
+                        help="frames per video (the length parameter); several, comma-separated, mix lengths")
     parser.add_argument("--width", type=int, default=112)
     parser.add_argument("--height", type=int, default=112)
     parser.add_argument("--fps", type=float, default=2.0, help="frame rate written in the mp4 (read it at this fps)")
@@ -237,11 +260,13 @@ def main(argv=None) -> None:
     parser.add_argument("--max_count", type=int, default=5, help="largest answer of the counting task")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     parser.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint ranges of it)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering videos (same output)")
     args = parser.parse_args(argv)
+    frames = [int(f) for f in str(args.frames).split(",") if f.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for split, count in (("train", args.train), ("test", args.test)):
-        path = generate_split(args.out, split, count, args.frames, args.width, args.height, args.fps, args.hold,
-                              args.seed, tasks, args.max_count, progress=True)
+        path = generate_split(args.out, split, count, frames, args.width, args.height, args.fps, args.hold,
+                              args.seed, tasks, args.max_count, progress=True, workers=args.workers)
         print(f"{split}: {count} videos of {args.frames} frames -> {path}")
 
 

@@ -50,7 +50,8 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results), daemon=True)
+    # Not daemonic: a rank may start DataLoader workers of its own. The ``finally`` below reaps them all.
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
