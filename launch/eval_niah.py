@@ -291,30 +291,32 @@ def plot_accuracy(panels: Dict[str, Dict[str, list]], xlabel: str, path: str) ->
 
 
 def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> str:
+    """A markdown table (method x W x length; real and simulated world sizes apart) and optionally a PNG of accuracy
+    against length, one panel per world size."""
     rows: Dict[tuple, List[dict]] = {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
-                rows.setdefault((r["method"], r["world_size"], r["length"]), []).append(r)
+                rows.setdefault((r["method"], r["world_size"], bool(r["simulated"]), r["length"]), []).append(r)
     lines = ["| method | W | context tokens (target) | cases | accuracy % | same answer as dense % | "
              "mean KL first token |", "|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
-    for (method, w, length), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][2], order[kv[0][0]])):
+    for (method, w, sim, length), rs in sorted(rows.items(),
+                                               key=lambda kv: (kv[0][1], kv[0][2], kv[0][3], order[kv[0][0]])):
         acc = 100 * sum(r["correct"] for r in rs) / len(rs)
         same = [r["same_as_dense"] for r in rs if "same_as_dense" in r]
         kls = [r["kl_first_token"] for r in rs if "kl_first_token" in r]
-        lines.append(f"| {method} | {w}{' (sim.)' if rs[0]['simulated'] else ''} | {length} | {len(rs)} | {acc:.1f} | "
-                     f"{100 * sum(same) / len(same):.1f} | {sum(kls) / len(kls):.2e} |" if same else
-                     f"| {method} | {w} | {length} | {len(rs)} | {acc:.1f} | - | - |")
+        lines.append(f"| {method} | {w}{' (sim.)' if sim else ''} | {length} | {len(rs)} | {acc:.1f} | "
+                     + (f"{100 * sum(same) / len(same):.1f} | {sum(kls) / len(kls):.2e} |" if same else "- | - |"))
     text = "\n".join(lines)
     if table:
         with open(table, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     if plot:
         panels: Dict[str, Dict[str, list]] = {}
-        for (method, w, length), rs in rows.items():
-            panels.setdefault(f"W = {w}", {}).setdefault(method, []).append(
+        for (method, w, sim, length), rs in rows.items():
+            panels.setdefault(f"W = {w}{' (simulated)' if sim else ''}", {}).setdefault(method, []).append(
                 (length, 100 * sum(r["correct"] for r in rs) / len(rs)))
         plot_accuracy(panels, "context tokens", plot)
     return text

@@ -154,6 +154,13 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path):
     assert "answer:" in res.stdout and "context tokens:" in res.stdout and "prefill" in res.stdout
     diff = float(res.stdout.split("logit difference")[1].split()[0])
     assert diff < 1e-4  # ring is exact
+    # The README's main job as written: the embedded trained model answers its held-out video correctly with Spava.
+    from spava_ds.assets import trained_model_dir
+
+    if trained_model_dir() is not None:
+        main_job = _cli("--check")
+        assert main_job.returncode == 0, main_job.stderr[-3000:]
+        assert "(correct;" in main_job.stdout and "mode spava on 2 process(es)" in main_job.stdout, main_job.stdout
     missing = _cli("--video", str(tmp_path / "nope.mp4"))
     assert missing.returncode != 0
     assert "[rank 0] error" in missing.stderr and "[rank 1] error" in missing.stderr, missing.stderr[-2000:]

@@ -59,6 +59,9 @@ def test_niah_two_processes(tmp_path):
         assert one["simulated"] and one["answer"] == real["answer"]
         assert abs(one["kl_first_token"] - real["kl_first_token"]) < 1e-4 * max(1.0, real["kl_first_token"])
         assert simulated[(case, "dense", 4)]["answer"] == by[(case, "dense")]["answer"]
+    # real and simulated runs at the same W stay apart in the summary
+    table = _load_script().summarize([str(out), str(sim)], None, None)
+    assert "| spava | 2 | 300 | 2 |" in table and "| spava | 2 (sim.) | 300 | 2 |" in table
 
 
 def test_cases_are_reproducible_and_place_the_needle():

@@ -259,13 +259,15 @@ def test_finetune_gpu_zero2_zero3_bf16_configs(data, tmp_path, monkeypatch):
         runs[stage] = str(tmp_path / f"zero{stage}")
         summary, = run_distributed(_finetune_gpu, 2, [[
             "--deepspeed_config", os.path.join(ROOT, "configs", f"finetune_zero{stage}_sp2.json"), "--model",
-            _model_dir(), "--train", train, "--eval", test, "--max_steps", "2", "--num_workers", "1",
+            _model_dir(), "--train", train, "--eval", test, "--max_steps", "4", "--num_workers", "1",
             "--eval_max_new_tokens", "2", "--output", runs[stage]]], backend="nccl", timeout=300)[0]
-        assert summary["steps"] == 2 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+        assert summary["steps"] == 4 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
     losses = {stage: _losses(path) for stage, path in runs.items()}
-    assert sorted(losses[2]) == sorted(losses[3]) == [1, 2]
-    for step in (1, 2):
+    assert sorted(losses[2]) == sorted(losses[3]) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
         assert np.isfinite(losses[2][step]) and losses[3][step] == pytest.approx(losses[2][step], rel=3e-2)
+    # the warmup starts at lr 0: the first steps repeat the initial loss; by step 4 the weights have moved
+    assert abs(losses[2][4] - losses[2][1]) > 1e-3 * abs(losses[2][1])
     initial = load_file(os.path.join(_model_dir(), "model.safetensors"))
     for path in runs.values():
         exported = load_file(os.path.join(path, "model", "model.safetensors"))
