@@ -322,10 +322,18 @@ def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> st
     return text
 
 
+def _budget(text: str):
+    """``--passing-len``: an int, or a comma-separated per-layer list of ints."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared with launch/eval_videoqa.py: budget overrides, precision, output and summaries."""
     p.add_argument("--anchor-len", type=int, help="Spava's/APB's anchor length (default: the paper's rule)")
-    p.add_argument("--passing-len", type=int, help="Spava's/APB's passing budget (default: the paper's rule)")
+    p.add_argument("--passing-len", type=_budget,
+                   help="Spava's/APB's passing budget: tokens per block, or one per layer, comma-separated "
+                        "(default: the paper's rule)")
     p.add_argument("--pool-kernel", type=int, help="Spava's/APB's score pooling width (odd; 1 = none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (CPU and GPU)")
     p.add_argument("--out", help="results .jsonl (rank 0 writes it)")

@@ -46,9 +46,11 @@ def test_niah_two_processes(tmp_path):
     assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
 
     # The same cases simulated in one process at W = 2 and 4 (one dense run shared): W = 2 equals the real run.
+    # The budget given per layer (SmolLM2 has 30 layers), all 8: the same as the real run's single 8.
     sim = tmp_path / "sim.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "launch", "eval_niah.py"), "--simulate", "2", "4", "--lengths", "300",
-           "--cases", "1", "--tasks", "single", "multikey", "--methods", "dense", "spava", "--passing-len", "8",
+           "--cases", "1", "--tasks", "single", "multikey", "--methods", "dense", "spava",
+           "--passing-len", ",".join(["8"] * 30),
            "--max-new-tokens", "8", "--cache-dir", str(tmp_path / "smollm2"), "--out", str(sim)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
