@@ -249,10 +249,18 @@ def evaluate(args) -> None:
                                   seconds=round(seconds[method, w], 4), **against_dense(answer, dense))
                     write_record(out, record)
             progress.update(1)
+    finish_run(rank, world, progress, out, f"{len(args.case_ids or cases)} cases x {len(engines)} engines at "
+               f"W={label} in {time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+
+
+def finish_run(rank: int, world: int, progress, out, message: str) -> None:
+    """End an evaluation: rank 0 closes its progress bar and results file and prints ``message``; every rank
+    leaves the process group together."""
     if rank == 0:
         progress.close()
-        print(f"{len(args.case_ids or cases)} cases x {len(engines)} engines at W={label} in {time.time() - start:.0f} s"
-              + (f"; results in {args.out}" if args.out else ""))
+        if out:
+            out.close()
+        print(message)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -325,7 +333,7 @@ def summarize(paths: List[str], table: Optional[str], plot: Optional[str]) -> st
 def _budget(text: str):
     """``--passing-len``: an int, or a comma-separated per-layer list of ints."""
     values = [int(v) for v in text.split(",") if v.strip()]
-    return values[0] if len(values) == 1 and "," not in text else values
+    return values if "," in text else values[0]
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

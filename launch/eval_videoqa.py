@@ -34,12 +34,11 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # shared with the text NIAH study
-from eval_niah import (METHODS, add_common_args, against_dense, method_engines, plot_accuracy,  # noqa: E402
+from eval_niah import (METHODS, add_common_args, against_dense, finish_run, method_engines, plot_accuracy,  # noqa: E402
                        run_methods, write_record)
 from spava_ds import SpavaConfig, comm  # noqa: E402
 from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
@@ -95,15 +94,8 @@ def evaluate(args) -> None:
                               prefill_s=round(answer.prefill_seconds, 4), **against_dense(answer, dense))
                 write_record(out, record)
             progress.update(1)
-    if rank == 0:
-        progress.close()
-        if out:
-            out.close()
-        print(f"{len(cases)} cases x {len(engines)} methods at W={w} in {time.time() - start:.0f} s"
-              + (f"; results in {args.out}" if args.out else ""))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_run(rank, world, progress, out, f"{len(cases)} cases x {len(engines)} methods at W={w} in "
+               f"{time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
 
 
 # ---- summaries -------------------------------------------------------------------------------------------------------
