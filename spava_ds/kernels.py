@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -238,32 +239,45 @@ def _merge_pair(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.
     return (o1.float() * w1 + o2.float() * w2).to(out_dtype), lse
 
 
-_compiled_merge_pair = None
+# The pairwise merge is compiled on these device types (the CPU test of the recompile budget adds "cpu").
+COMPILE_DEVICES = ("cuda",)
+COMPILE_BACKEND = "inductor"
+_compiled_merges: dict = {}  # (dtypes, layouts) -> (code copy, compiled function)
+_compile_failed = False
 _log = logging.getLogger("spava_ds")
 
 
-def _merge_pair_for(device: torch.device):
+def _own_code_copy(fn):
+    """``fn`` with a code object of its own: dynamo keeps compiled variants, and its recompile limit (8), per code
+    object, so one copy per dtype signature keeps the ring, Spava, fp32 and decode variants from crowding each other
+    out (past the limit dynamo silently runs the function eagerly)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _merge_pair_for(o1: torch.Tensor, o2: torch.Tensor, out_dtype: torch.dtype):
     """On CUDA the pairwise merge is compiled into one fused kernel: eager it costs ~10 memory passes over the
     block's output, about 1 ms per 16K-token block at Qwen2.5-VL-7B shapes on an H100."""
-    global _compiled_merge_pair
-    if device.type != "cuda" or os.environ.get("SPAVA_COMPILE", "1") == "0" or _compiled_merge_pair is False:
+    if (o1.device.type not in COMPILE_DEVICES or os.environ.get("SPAVA_COMPILE", "1") == "0" or _compile_failed):
         return _merge_pair
-    if _compiled_merge_pair is None:
-        _compiled_merge_pair = torch.compile(_merge_pair, dynamic=True, fullgraph=True)
-    return _compiled_merge_pair
+    key = (o1.dtype, o2.dtype, out_dtype, o1.is_contiguous(), o2.is_contiguous())
+    if key not in _compiled_merges:
+        code_copy = _own_code_copy(_merge_pair)
+        _compiled_merges[key] = (code_copy, torch.compile(code_copy, dynamic=True, fullgraph=True,
+                                                          backend=COMPILE_BACKEND))
+    return _compiled_merges[key][1]
 
 
 def _pair(o1, l1, o2, l2, out_dtype) -> AttnOut:
-    global _compiled_merge_pair
-    fn = _merge_pair_for(o1.device)
+    global _compile_failed
+    fn = _merge_pair_for(o1, o2, out_dtype)
     if fn is _merge_pair:
         return fn(o1, l1, o2, l2, out_dtype)
-    try:
-        return fn(o1, l1, o2, l2, out_dtype)
-    except Exception as e:  # noqa: BLE001 - e.g. the recompile limit after many dtypes/strides; eager is exact too
+    try:  # contiguous LSEs (small) keep their strides out of the compiled variants' guards
+        return fn(o1, l1.contiguous(), o2, l2.contiguous(), out_dtype)
+    except Exception as e:  # noqa: BLE001 - a compiler failure; eager is exact too
         _log.warning("spava_ds: compiled LSE merge failed (%s: %s); using the eager merge from now on",
                      type(e).__name__, str(e).splitlines()[0][:200])
-        _compiled_merge_pair = False
+        _compile_failed = True
         return _merge_pair(o1, l1, o2, l2, out_dtype)
 
 

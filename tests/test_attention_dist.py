@@ -123,3 +123,34 @@ def test_bad_inputs_raise_on_every_rank(world):
         assert msgs[1].startswith("spava_attention: rank")
         assert f"layout is for {world + 1} ranks" in msgs[2]
         assert msgs[3] == world
+
+
+def _compiled_merge_variants(rank, world):
+    """Every mode, two dtypes, three lengths through the compiled LSE merge (dynamo with its eager backend on the
+    CPU: the guards and recompiles are dynamo's, whatever the backend)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from spava_ds import kernels
+    kernels.COMPILE_DEVICES, kernels.COMPILE_BACKEND = ("cpu",), "eager"
+    g = torch.Generator().manual_seed(3)
+    errors = []
+    for L in (61, 130, 257):
+        for mode in ("spava", "ring", "star", "apb"):
+            for dtype in (torch.float32, torch.bfloat16):
+                q, k, v = [torch.randn(1, L + 5, h, 8, generator=g).to(dtype) for h in (4, 2, 2)]
+                layout = ZigzagLayout(L, 5, world, SpavaConfig(mode=mode, anchor_len=7, passing_len=3))
+                out = spava_attention(layout.shard(q, rank), layout.shard(k, rank), layout.shard(v, rank), layout)
+                ref = reference_attention(q, k, v, layout)
+                errors.append((out.float() - layout.shard(ref, rank).float()).abs().max().item())
+    entries = {str(key): len(_debug_get_cache_entry_list(code.__code__))
+               for key, (code, _) in kernels._compiled_merges.items()}
+    return errors, entries
+
+
+@pytest.mark.timeout(300)
+def test_compiled_merge_stays_within_the_recompile_limit():
+    """Past dynamo's recompile limit (8 per code object) a compiled function silently runs eagerly: on the GPUs the
+    benchmark's later methods lost the fused merge that way. Each dtype/layout signature must compile at most twice
+    (once more for the 0/1-size specialisation), and the compiled merge must still give the reference's output."""
+    for errors, entries in run_distributed(_compiled_merge_variants, 2):
+        assert entries and max(entries.values()) <= 2, entries
+        assert max(errors) < 3e-2, errors
