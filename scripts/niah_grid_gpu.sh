@@ -32,7 +32,7 @@ job=0
 for length in $lengths; do
   for ((s = 0; s < splits; s++)); do
     ids=$(seq -s ' ' $(( s * chunk )) $(( (s + 1) * chunk < total ? (s + 1) * chunk - 1 : total - 1 )))
-    common=(--lengths "$length" --cases "$cases" --case-ids $ids $cache)
+    common=(--lengths "$length" --cases "$cases" --case-ids $ids $cache --resume)  # a later call continues
     for w in $real; do
       port=$((port + 1))
       # spread the jobs' rank 0s over the GPUs: rotate the visible devices per job

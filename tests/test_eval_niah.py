@@ -61,6 +61,17 @@ def test_niah_two_processes(tmp_path):
         assert one["simulated"] and one["answer"] == real["answer"]
         assert abs(one["kl_first_token"] - real["kl_first_token"]) < 1e-4 * max(1.0, real["kl_first_token"])
         assert simulated[(case, "dense", 4)]["answer"] == by[(case, "dense")]["answer"]
+    # --resume keeps the complete cases, runs a case cut in the middle again, and ends with the same records
+    lines = sim.read_text().splitlines()
+    sim.write_text("\n".join(lines[:5]) + "\n")  # case 0's 4 records and one of case 1's
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 cases done, 1 to run" in res.stdout, res.stdout[-2000:]
+    resumed = {(r["case"], r["method"], r["world_size"]): r for r in map(json.loads, sim.read_text().splitlines())}
+    assert set(resumed) == set(simulated)
+    for key, r in resumed.items():
+        assert r["answer"] == simulated[key]["answer"] and r["kl_first_token"] == pytest.approx(
+            simulated[key]["kl_first_token"], rel=1e-4, abs=1e-9), key
     # real and simulated runs at the same W stay apart in the summary
     table = _load_script().summarize([str(out), str(sim)], None, None)
     assert "| spava | 2 | 300 | 2 |" in table and "| spava | 2 (sim.) | 300 | 2 |" in table
