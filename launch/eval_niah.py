@@ -203,6 +203,8 @@ def evaluate(args) -> None:
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(args.seed)
+    # decided by every rank before the barrier below, after which rank 0 may create the file
+    resume = bool(args.resume and args.out and os.path.exists(args.out))
     if rank == 0:
         model_dir = smollm2_dir(args.cache_dir, args.gguf)
     if world > 1:
@@ -227,7 +229,7 @@ def evaluate(args) -> None:
             raise ValueError(f"--case-ids must lie in 0..{len(cases) - 1}")
         todo = sorted(set(args.case_ids))
     kept = []
-    if args.resume and args.out and os.path.exists(args.out):
+    if resume:
         kept = complete_cases(args.out, records_per_case(args, worlds))
         done = {r["case"] for r in kept}
         todo = [n for n in todo if n not in done]

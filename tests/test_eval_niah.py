@@ -32,7 +32,8 @@ def test_niah_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "launch", "eval_niah.py"), "--lengths", "300", "--cases", "1", "--tasks", "single",
            "multikey", "--methods", "dense", "spava", "ring", "--passing-len", "8", "--max-new-tokens", "8",
-           "--cache-dir", str(tmp_path / "smollm2"), "--out", str(out)]
+           "--cache-dir", str(tmp_path / "smollm2"), "--out", str(out),
+           "--resume"]  # with no file yet: a plain run (every rank must agree on that before rank 0 creates it)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
