@@ -163,7 +163,10 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path):
         assert "(correct;" in main_job.stdout and "mode spava on 2 process(es)" in main_job.stdout, main_job.stdout
     missing = _cli("--video", str(tmp_path / "nope.mp4"))
     assert missing.returncode != 0
-    assert "[rank 0] error" in missing.stderr and "[rank 1] error" in missing.stderr, missing.stderr[-2000:]
+    # Every rank raises before any collective (no hang); the launcher may kill a rank before it prints, once the
+    # other has failed, so one rank's message is what is sure to be seen.
+    assert ("[rank 0] error" in missing.stderr or "[rank 1] error" in missing.stderr) and "nope.mp4" in \
+        missing.stderr, missing.stderr[-2000:]
     empty = _cli("--question", "  ")
     assert empty.returncode != 0 and "question is empty" in empty.stderr
     # The deepspeed launcher with a JSON whose "spava" block configures the attention.
