@@ -125,19 +125,23 @@ def test_bad_inputs_raise_on_every_rank(world):
         assert msgs[3] == world
 
 
-def _compiled_merge_variants(rank, world):
-    """Every mode, two dtypes, three lengths through the compiled LSE merge (dynamo with its eager backend on the
-    CPU: the guards and recompiles are dynamo's, whatever the backend)."""
+def _compiled_merge_variants(rank, world, device_type="cpu", lengths=(61, 130, 257), head_dim=8,
+                             modes=("spava", "ring", "star", "apb"), budgets=(("anchor_len", 7), ("passing_len", 3))):
+    """Every mode, two dtypes, several lengths through the compiled LSE merge; returns the errors against the
+    reference and the number of compiled variants per merge signature. On the CPU dynamo runs with its eager backend
+    (the guards and recompiles are dynamo's, whatever the backend); on CUDA with inductor, as in use."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from spava_ds import kernels
-    kernels.COMPILE_DEVICES, kernels.COMPILE_BACKEND = ("cpu",), "eager"
-    g = torch.Generator().manual_seed(3)
+    if device_type == "cpu":
+        kernels.COMPILE_DEVICES, kernels.COMPILE_BACKEND = ("cpu",), "eager"
+    device = torch.device(device_type, rank if device_type == "cuda" else None)
+    g = torch.Generator(device=device).manual_seed(3)
     errors = []
-    for L in (61, 130, 257):
-        for mode in ("spava", "ring", "star", "apb"):
+    for L in lengths:
+        for mode in modes:
             for dtype in (torch.float32, torch.bfloat16):
-                q, k, v = [torch.randn(1, L + 5, h, 8, generator=g).to(dtype) for h in (4, 2, 2)]
-                layout = ZigzagLayout(L, 5, world, SpavaConfig(mode=mode, anchor_len=7, passing_len=3))
+                q, k, v = [torch.randn(1, L + 5, h, head_dim, device=device, generator=g).to(dtype) for h in (4, 2, 2)]
+                layout = ZigzagLayout(L, 5, world, SpavaConfig(mode=mode, **dict(budgets)))
                 out = spava_attention(layout.shard(q, rank), layout.shard(k, rank), layout.shard(v, rank), layout)
                 ref = reference_attention(q, k, v, layout)
                 errors.append((out.float() - layout.shard(ref, rank).float()).abs().max().item())

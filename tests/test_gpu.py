@@ -120,30 +120,16 @@ def test_nccl_forward_backward_two_gpus():
             assert max(errs) < tol, (mode, dtype, errs)
 
 
-def _nccl_compiled_merges(rank, world):
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from spava_ds import kernels
-    device = torch.device("cuda", rank)
-    g = torch.Generator(device=device).manual_seed(5)
-    errors = []
-    for L in (300, 1001, 4099):
-        for mode in ("spava", "ring", "star", "apb", "ulysses"):
-            for dtype in (torch.float32, torch.bfloat16):
-                q, k, v = (torch.randn(1, L + 7, h, 64, device=device, generator=g).to(dtype) for h in (4, 2, 2))
-                layout = ZigzagLayout(L, 7, world, SpavaConfig(mode=mode))
-                out = spava_attention(layout.shard(q, rank), layout.shard(k, rank), layout.shard(v, rank), layout)
-                ref = reference_attention(q, k, v, layout)
-                errors.append((out.float() - layout.shard(ref, rank).float()).abs().max().item())
-    entries = {str(key): len(_debug_get_cache_entry_list(code.__code__))
-               for key, (code, _) in kernels._compiled_merges.items()}
-    return errors, entries
-
 
 @pytest.mark.gpu(count=2)
 @pytest.mark.timeout(600)
 def test_compiled_merges_stay_within_the_recompile_limit_on_cuda():
     """The CUDA version of the CPU check: with inductor (whose guards the CPU's eager backend does not add), every
     mode, dtype and length keeps each merge signature to at most two compiled variants, and the result is right."""
-    for errors, entries in run_distributed(_nccl_compiled_merges, 2, backend="nccl"):
+    from test_attention_dist import _compiled_merge_variants
+
+    modes = ("spava", "ring", "star", "apb", "ulysses")
+    for errors, entries in run_distributed(_compiled_merge_variants, 2, "cuda", (300, 1001, 4099), 64, modes, (),
+                                           backend="nccl"):
         assert entries and max(entries.values()) <= 2, entries
         assert max(errors) < 3e-2, errors
