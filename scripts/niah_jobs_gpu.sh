@@ -3,8 +3,9 @@
 #   w4:LENGTH:IDS   real W = 4 (torchrun, NCCL, all 4 GPUs); these run one after another, the rest beside them
 #   w2:LENGTH:IDS   real W = 2 on a pair of GPUs (pairs alternate)
 #   sim:LENGTH:IDS  simulated W = 2, 4 and 8 in one process (reference_attention) on one GPU
-# IDS: case numbers of `--cases 50` at that length, e.g. 31-99 or 21-49,91-99. Every job writes
-# OUT_DIR/{kind}_{length}.jsonl with --resume, so running the same command again (on a warm machine, within the
+# IDS: case numbers of `--cases 50` at that length, e.g. 31-99 or 21-49,91-99; an optional fourth field names
+# the job (sim:8000:21-35:a, sim:8000:36-49:b) so that several jobs of one kind and length can run side by side.
+# Every job writes OUT_DIR/{kind}_{length}[_{tag}].jsonl with --resume, so running the same command again (on a warm machine, within the
 # time limit of a call) continues where the last one stopped. Everything ends up in OUT_DIR.tar too.
 #
 #   bash scripts/niah_jobs_gpu.sh OUT_DIR SECONDS [--gguf FILE] JOB...
@@ -27,17 +28,18 @@ pair=0
 gpu=0
 port=29650
 for spec in "$@"; do
-  IFS=: read -r kind length range <<< "$spec"
-  common=(--lengths "$length" --cases 50 --case-ids $(ids "$range") --resume --out "$out/${kind}_$length.jsonl")
+  IFS=: read -r kind length range tag <<< "$spec"
+  name=${kind}_$length${tag:+_$tag}
+  common=(--lengths "$length" --cases 50 --case-ids $(ids "$range") --resume --out "$out/$name.jsonl")
   case $kind in
-    w4) w4_jobs+=("$length:$range") ;;
+    w4) w4_jobs+=("$length:$range:$name") ;;
     w2) port=$((port + 1))
         CUDA_VISIBLE_DEVICES=$((2 * pair)),$((2 * pair + 1)) timeout "$limit" torchrun --standalone \
           --nproc_per_node 2 --master_port "$port" launch/eval_niah.py "${common[@]}" \
-          > "$out/w2_$length.log" 2>&1 &
+          > "$out/$name.log" 2>&1 &
         pair=$(((pair + 1) % 2)) ;;
     sim) CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 launch/eval_niah.py --simulate 2 4 8 "${common[@]}" \
-          > "$out/sim_$length.log" 2>&1 &
+          > "$out/$name.log" 2>&1 &
          gpu=$(((gpu + 1) % 4)) ;;
     *) echo "unknown job kind '$kind' in '$spec' (w4, w2 or sim)" >&2; exit 2 ;;
   esac
@@ -45,11 +47,11 @@ done
 (  # the W = 4 jobs in turn, under one deadline
   end=$((SECONDS + limit))
   for job in "${w4_jobs[@]}"; do
-    IFS=: read -r length range <<< "$job"
+    IFS=: read -r length range name <<< "$job"
     left=$((end - SECONDS)); [ "$left" -gt 10 ] || break
     timeout "$left" torchrun --standalone --nproc_per_node 4 --master_port 29640 launch/eval_niah.py \
-      --lengths "$length" --cases 50 --case-ids $(ids "$range") --resume --out "$out/w4_$length.jsonl" \
-      > "$out/w4_$length.log" 2>&1
+      --lengths "$length" --cases 50 --case-ids $(ids "$range") --resume --out "$out/$name.jsonl" \
+      > "$out/$name.log" 2>&1
   done
 ) &
 wait
