@@ -12,6 +12,7 @@ last one also takes fp32), ``flash_attn`` (the flash-attn package, when installe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -24,10 +25,12 @@ import torch
 AttnOut = Tuple[torch.Tensor, torch.Tensor]
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.lru_cache(maxsize=None)  # called for every attention piece: the import search alone costs ~30 us
 def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The fastest measured backend for a device and dtype (see docs/benchmarks.md)."""
     if device.type == "cpu":
