@@ -5,8 +5,9 @@
 #   sim:LENGTH:IDS  simulated W = 2, 4 and 8 in one process (reference_attention) on one GPU
 # IDS: case numbers of `--cases 50` at that length, e.g. 31-99 or 21-49,91-99; an optional fourth field names
 # the job (sim:8000:21-35:a, sim:8000:36-49:b) so that several jobs of one kind and length can run side by side.
-# Every job writes OUT_DIR/{kind}_{length}[_{tag}].jsonl with --resume, so running the same command again (on a warm machine, within the
-# time limit of a call) continues where the last one stopped. Everything ends up in OUT_DIR.tar too.
+# Every job writes OUT_DIR/{kind}_{length}[_{tag}].jsonl with --resume, so running the same command again (on a
+# warm machine, within the time limit of a call) continues where the last one stopped. Everything ends up in
+# OUT_DIR.tar too.
 #
 #   bash scripts/niah_jobs_gpu.sh OUT_DIR SECONDS [--gguf FILE] JOB...
 #   python launch/eval_niah.py --summarize OUT_DIR/*.jsonl
