@@ -120,7 +120,6 @@ def test_nccl_forward_backward_two_gpus():
             assert max(errs) < tol, (mode, dtype, errs)
 
 
-
 @pytest.mark.gpu(count=2)
 @pytest.mark.timeout(600)
 def test_compiled_merges_stay_within_the_recompile_limit_on_cuda():
