@@ -4,8 +4,8 @@ Rank r holds ``[anchor | block r | block 2W-1-r | query]`` (see ``layout.py``). 
 
 1. score its two blocks' keys against the query, keep the top-k per KV head of each (the passing blocks) and
    all-gather them, one async all-gather per virtual-host half (blocks 0..W-1, then blocks W..2W-1);
-2. attend the query rows to this rank's share of the keys (a W-th of the anchor, its two blocks, and on rank 0
-   the query itself, causally), and all-gather the partial outputs with their LSE;
+2. attend the query rows to this rank's share of the keys (its two blocks; on rank 0 also the anchor and,
+   causally, the query itself), and all-gather the partial outputs with their LSE;
 3. anchor and block r: causal over ``[anchor | block r]``, block rows also over the passing keys of blocks < r;
 4. block 2W-1-r: passing keys of blocks < 2W-1-r and the anchor, plus its own block causally;
 5. merge the query partials of all ranks by LSE: the query rows get exact attention.
@@ -71,6 +71,7 @@ class _Plan:
     passing: int         # budget per block (tokens per KV head); > 0 means there are passing blocks
     ks: List[int]        # tokens block u sends
     kmax: Tuple[int, int]  # padded sizes of the two all-gathers
+    needs_grad: bool     # keep what the backward pass needs (the merged LSE of the first block's rows)
 
     @property
     def hosts(self) -> Tuple[int, ...]:
@@ -81,7 +82,7 @@ class _Plan:
         return range(self.world - 1, self.rank, -1)
 
 
-def _make_plan(layout, config, group, layer_idx, scale, exact) -> _Plan:
+def _make_plan(layout, config, group, layer_idx, scale, exact, needs_grad) -> _Plan:
     rank, world = comm.group_rank_size(group)
     backend = config.backend
     if exact:
@@ -93,7 +94,7 @@ def _make_plan(layout, config, group, layer_idx, scale, exact) -> _Plan:
     half = world if layout.zigzag else layout.num_blocks
     kmax = (max(ks[:half]), max(ks[half:], default=0))
     return _Plan(layout, group, rank, world, backend, scale, config.pool_kernel, config.overlap, exact, passing, ks,
-                 kmax)
+                 kmax, needs_grad)
 
 
 def _select(plan: _Plan, k, v, qbar, start: int, end: int, kk: int, kmax: int):
@@ -121,16 +122,28 @@ def _passing(plan: _Plan, g1: Optional[torch.Tensor], g2: Optional[torch.Tensor]
     return out
 
 
-def _cat_passing(parts, g1, g2) -> Optional[torch.Tensor]:
-    if not parts:
-        return None
-    return torch.cat([(g1 if src == 1 else g2)[u][:, :n] for src, u, n in parts], dim=1)
+def _passing_kv(parts, g1, g2, d: int, anchor_k=None, anchor_v=None):
+    """Keys and values of the passing ``parts`` (then the anchor's, if given), each one contiguous tensor, or
+    (None, None) when there are none. The packed [K | V] halves are split here: the kernels get dense inputs."""
+    packed = [(g1 if src == 1 else g2)[u][:, :n] for src, u, n in parts]
+    keys = [p[..., :d] for p in packed] + ([anchor_k] if anchor_k is not None else [])
+    values = [p[..., d:] for p in packed] + ([anchor_v] if anchor_v is not None else [])
+    if not keys:
+        return None, None
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
 
 def _query_pieces(plan: _Plan, seg) -> List[Tuple[int, int, bool]]:
-    """Key ranges (local) of this rank's share for the exact query rows: anchor share, its blocks, query (rank 0)."""
+    """Key ranges (local) of this rank's share for the exact query rows: anchor share, its blocks, query (rank 0).
+
+    Adjacent ranges are one piece (rank 0: ``[anchor | blocks]``): each piece costs an attention call and a merge.
+    """
     a0, a1 = plan.layout.anchor_share(plan.rank)
-    pieces = [(a0, a1, False), (seg.block1[0], seg.block2[1], False)]
+    pieces = [(a0, a1, False)] if a1 > a0 else []
+    if pieces and pieces[-1][1] == seg.block1[0]:
+        pieces[-1] = (a0, seg.block2[1], False)
+    else:
+        pieces.append((seg.block1[0], seg.block2[1], False))
     if plan.rank == 0:
         pieces.append((seg.query[0], seg.query[1], True))
     return pieces
@@ -169,28 +182,30 @@ def _forward(plan: _Plan, q, k, v):
     # 3. Anchor and block r: causal over [anchor | block r]; block rows also see the passing of blocks < r.
     out_ab, lse_ab = attend(q[:, :b1e], k[:, :b1e], v[:, :b1e], causal=True, **kw)
     g1 = state["g1"] = p1.wait() if p1 is not None else None
-    pass1 = _cat_passing(_passing(plan, g1, None, second=False), g1, None)
-    if pass1 is not None:
-        out_b1, lse_b1 = kernels.merge([(out_ab[:, la:], lse_ab[:, :, la:]),
-                                        attend(q[:, b1s:b1e], pass1[..., :d], pass1[..., d:], **kw)])
-        out_ab, lse_ab = torch.cat([out_ab[:, :la], out_b1], 1), torch.cat([lse_ab[:, :, :la], lse_b1], 2)
+    pass_k, pass_v = _passing_kv(_passing(plan, g1, None, second=False), g1, None, d)
+    if pass_k is not None:
+        out_b1, lse_b1 = kernels.merge([(out_ab[:, la:], lse_ab[:, :, la:]), attend(q[:, b1s:b1e], pass_k, pass_v,
+                                                                                     **kw)])
+        outs = [out_ab[:, :la], out_b1]  # joined once, with the other rows, at the end
+        lse_ab = torch.cat([lse_ab[:, :, :la], lse_b1], 2) if plan.needs_grad else None
+    else:
+        outs = [out_ab]
     state["lse_ab"] = lse_ab
-    outs = [out_ab]
 
     # 4. Block 2W-1-r: [passing of blocks < 2W-1-r | anchor], then its own block causally.
     if len(hosts) == 2:
         g2 = state["g2"] = p2.wait() if p2 is not None else None
-        prefix = _cat_passing(_passing(plan, g1, g2, second=True), g1, g2)
-        anchor_kv = torch.cat([k[:, :la], v[:, :la]], dim=-1)
-        prefix = anchor_kv if prefix is None else torch.cat([prefix, anchor_kv], dim=1)
+        prefix_k, prefix_v = _passing_kv(_passing(plan, g1, g2, second=True), g1, g2, d, k[:, :la], v[:, :la])
         q_b2 = q[:, b2s:b2e]
         out_b2, state["lse_b2"] = kernels.merge([
-            attend(q_b2, prefix[..., :d], prefix[..., d:], **kw),
+            attend(q_b2, prefix_k, prefix_v, **kw),
             attend(q_b2, k[:, b2s:b2e], v[:, b2s:b2e], causal=True, **kw)])
         outs.append(out_b2)
 
-    # 5. Exact query rows: LSE merge of every rank's partial.
-    out_q, state["lse_q"] = kernels.merge([(p[..., :d], p[..., d].transpose(1, 2)) for p in pq.wait().unbind(0)])
+    # 5. Exact query rows: LSE merge of every rank's partial, all W at once.
+    partials = pq.wait()
+    out_q, lse_q = kernels.merge_stacked(partials[..., :d], partials[..., d])
+    state["lse_q"] = lse_q.transpose(1, 2)
     outs.append(out_q)
     return torch.cat([o.to(q.dtype) for o in outs], dim=1), state
 
@@ -228,14 +243,12 @@ def _backward(plan: _Plan, dout, q, k, v, out, state):
     if len(hosts) == 2:
         rows = slice(b2s, b2e)
         parts = _passing(plan, g1, g2, second=True)
-        pre = _cat_passing(parts, g1, g2)
-        anchor_kv = torch.cat([k[:, :la], v[:, :la]], dim=-1)
-        pre = anchor_kv if pre is None else torch.cat([pre, anchor_kv], dim=1)
+        prefix_k, prefix_v = _passing_kv(parts, g1, g2, d, k[:, :la], v[:, :la])
         args = (dout[:, rows], q[:, rows])
         lse_b2 = state["lse_b2"]
-        gq, gk, gv = kernels.attend_backward(*args, pre[..., :d], pre[..., d:], out[:, rows], lse_b2, **kw)
+        gq, gk, gv = kernels.attend_backward(*args, prefix_k, prefix_v, out[:, rows], lse_b2, **kw)
         dq[:, rows] += gq
-        n_pass = pre.shape[1] - la
+        n_pass = prefix_k.shape[1] - la
         dk[:, :la] += gk[:, n_pass:]
         dv[:, :la] += gv[:, n_pass:]
         if parts:
@@ -250,9 +263,9 @@ def _backward(plan: _Plan, dout, q, k, v, out, state):
                                             causal=True, **kw))
     parts = _passing(plan, g1, None, second=False)
     if parts:
-        pass1 = _cat_passing(parts, g1, None)
-        gq, gk, gv = kernels.attend_backward(dout[:, b1s:b1e], q[:, b1s:b1e], pass1[..., :d], pass1[..., d:],
-                                             out[:, b1s:b1e], lse_ab[:, :, la:], **kw)
+        pass_k, pass_v = _passing_kv(parts, g1, None, d)
+        gq, gk, gv = kernels.attend_backward(dout[:, b1s:b1e], q[:, b1s:b1e], pass_k, pass_v, out[:, b1s:b1e],
+                                             lse_ab[:, :, la:], **kw)
         dq[:, b1s:b1e] += gq
         scatter_passing(parts, torch.cat([gk, gv], dim=-1).float())
 
@@ -304,7 +317,8 @@ class _ZigzagAttention(torch.autograd.Function):
 def _zigzag_attention(q, k, v, layout, config, group, layer_idx, scale, exact):
     rank, world = comm.group_rank_size(group)
     _check_inputs(q, k, v, layout, rank, world, needs_query=not exact)
-    plan = _make_plan(layout, config, group, layer_idx, scale, exact)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    plan = _make_plan(layout, config, group, layer_idx, scale, exact, needs_grad)
     return _ZigzagAttention.apply(q, k, v, plan)
 
 

@@ -257,10 +257,16 @@ def _own_code_copy(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+# Below this many output elements the eager merge is used: a compiled call costs ~200 us of host time (guards,
+# wrappers, launches) against ~100 us for the eager ops, and a few query rows' merge is no GPU work to speak of.
+COMPILE_MIN_NUMEL = 1 << 21
+
+
 def _merge_pair_for(o1: torch.Tensor, o2: torch.Tensor, out_dtype: torch.dtype):
-    """On CUDA the pairwise merge is compiled into one fused kernel: eager it costs ~10 memory passes over the
-    block's output, about 1 ms per 16K-token block at Qwen2.5-VL-7B shapes on an H100."""
-    if (o1.device.type not in COMPILE_DEVICES or os.environ.get("SPAVA_COMPILE", "1") == "0" or _compile_failed):
+    """On CUDA the pairwise merge of large pieces is compiled into one fused kernel: eager it costs ~10 memory
+    passes over the block's output, about 1 ms per 16K-token block at Qwen2.5-VL-7B shapes on an H100."""
+    if (o1.device.type not in COMPILE_DEVICES or os.environ.get("SPAVA_COMPILE", "1") == "0" or _compile_failed
+            or o1.numel() < COMPILE_MIN_NUMEL):
         return _merge_pair
     key = (o1.dtype, o2.dtype, out_dtype, o1.is_contiguous(), o2.is_contiguous())
     if key not in _compiled_merges:
@@ -294,3 +300,16 @@ def merge(parts: List[AttnOut], out_dtype: Optional[torch.dtype] = None) -> Attn
     for i, (o, l) in enumerate(parts[1:], start=2):
         out, lse = _pair(out, lse, o, l, out_dtype if i == len(parts) else torch.float32)
     return out.to(out_dtype), lse
+
+
+def merge_stacked(out: torch.Tensor, lse: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> AttnOut:
+    """``merge`` of n pieces stacked on a leading dimension, in one pass (a handful of ops whatever n is).
+
+    ``out [n, b, s, H, d]`` and ``lse [n, b, s, H]`` (rows before heads, the layout in which partials travel
+    packed); returns ``out [b, s, H, d]`` in ``out_dtype`` (default: ``out``'s) and ``lse [b, s, H]`` in fp32.
+    """
+    lse = lse.float()
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total.masked_fill(torch.isinf(total), 0.0))  # rows with no key anywhere: weight 0
+    merged = (out.float() * weights.unsqueeze(-1)).sum(dim=0)
+    return merged.to(out_dtype or out.dtype), total

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -130,12 +129,12 @@ class ZigzagLayout:
     def anchor_share(self, rank: int) -> Range:
         """The slice of the anchor (global positions) whose keys this rank contributes to the exact query attention.
 
-        The anchor is split W ways in contiguous chunks of ceil(anchor_len / W); trailing ranks may get nothing.
+        Rank 0 takes the whole anchor, the other ranks none. The query rows are few, so splitting the anchor would
+        save next to no GPU time but cost every rank one more attention call and merge per layer; on rank 0 the
+        anchor is contiguous with its blocks and joins their attention call.
         """
         self._check_rank(rank)
-        chunk = math.ceil(self.anchor_len / self.world_size) if self.anchor_len else 0
-        start = min(rank * chunk, self.anchor_len)
-        return start, min(start + chunk, self.anchor_len)
+        return (0, self.anchor_len) if rank == 0 else (self.anchor_len, self.anchor_len)
 
     def positions(self, rank: int, device=None) -> torch.Tensor:
         """Global position ids of the rank's local tokens, in local order (1-D, int64)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spava_ds import SpavaConfig, ZigzagLayout, dense_causal_attention, reference_attention
-from spava_ds.kernels import attend, merge
+from spava_ds.kernels import attend, merge, merge_stacked
 
 
 def naive_spava(q, k, v, context_len, anchor_len, world, passing, pool):
@@ -96,3 +96,22 @@ def test_kernel_pieces_merge_to_dense(backend, dtype):
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float()[:, ctx:], k.float().repeat_interleave(3, 2)) / 4.0
     scores = scores.masked_fill(~torch.ones(7, 37, dtype=torch.bool).tril(ctx), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=tol, rtol=tol)
+
+
+def test_stacked_merge_equals_dense_and_handles_rows_without_keys():
+    # The one-pass merge of n stacked pieces (as the query partials arrive) against one causal call; one row has
+    # keys in no piece at all and must come out as zeros with LSE -inf, not nan.
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 41, h, 8) for h in (4, 2, 2))
+    ctx, cuts = 33, [0, 5, 19, 33]
+    pieces = [attend(q[:, ctx:], k[:, s:e], v[:, s:e]) for s, e in zip(cuts, cuts[1:])]
+    pieces.append(attend(q[:, ctx:], k[:, ctx:], v[:, ctx:], causal=True))
+    out, lse = merge_stacked(torch.stack([o for o, _ in pieces]), torch.stack([l.transpose(1, 2) for _, l in pieces]))
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v)[:, ctx:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.transpose(1, 2), merge(pieces)[1], atol=1e-5, rtol=1e-5)
+    empty = [(torch.randn(1, 3, 2, 4), torch.tensor([[0.5, -1.0], [-math.inf, -math.inf], [2.0, 0.0]]).view(1, 3, 2))
+             for _ in range(3)]
+    empty[1][1][0, 0, 0] = -math.inf
+    out, lse = merge_stacked(torch.stack([o for o, _ in empty]), torch.stack([l for _, l in empty]))
+    assert torch.isfinite(out).all() and (out[0, 1] == 0).all() and torch.isneginf(lse[0, 1]).all()
+    assert torch.isfinite(lse[0, [0, 2]]).all()

@@ -7,8 +7,8 @@ on the version of transformers' cache classes:
 
 * **prefill** (the first forward in a session): the model runs on this rank's tokens in the zigzag layout (ids or
   embeddings, and position ids, sharded with ``layout.shard``); every attention layer calls
-  ``sp_attention`` in the session's mode, then keeps its share of the keys/values: its W-th of the anchor and its
-  two blocks, and on rank 0 the query block. The union over ranks is the whole sequence, each token once.
+  ``sp_attention`` in the session's mode, then keeps its share of the keys/values: its two blocks, and on rank 0
+  also the anchor and the query block. The union over ranks is the whole sequence, each token once.
 * **decode** (``session.decode()`` after the prefill): every rank runs the new token (replicated); each attention
   layer attends it to this rank's cache share and the partials merge by LSE across ranks: exact attention over the
   distributed cache. Rank 0 appends the new token's keys/values to its share.

@@ -1,0 +1,182 @@
+"""Host cost of one layer's sequence-parallel attention, per mode, in one process standing for one of W ranks.
+
+At short contexts a layer's GPU work is smaller than the time Python takes to issue it, and then the number of
+operators per call, not the kernels, sets the speed (docs/benchmarks.md, "Short contexts"). This script measures,
+for one rank of a W-rank group, per mode:
+
+* ``host``: the wall time to issue one call, in bursts of calls issued back to back while the GPU is kept busy
+  by a sleep kernel (nothing waits for the GPU);
+* ``gpu``: the time the GPU spends on the call's kernels back to back (queued behind the sleep, no gaps);
+* ``ops``: the ATen operators one call runs (from torch.profiler; views included).
+
+A layer is host-bound when ``host`` exceeds ``gpu``. The other W-1 ranks are PyTorch's fake process group
+(``torch.testing._internal.distributed.fake_pg``), so one GPU (or the CPU) is enough, and the collectives are
+replaced by calls that return at once (the fake group's all-gather would copy the input W times, launches a real
+NCCL call does not make): communication is not in the numbers, a real collective adds about one launch each.
+Inputs are random; the numbers do not depend on them.
+
+    python launch/bench_host.py                                  # 3B shape, 16K and 32K tokens, W = 2 and 4, CUDA
+    python launch/bench_host.py --device cpu --tokens 1024 --heads 4 2 --head-dim 16   # op counts on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spava_ds import SpavaConfig, ZigzagLayout, comm  # noqa: E402
+from spava_ds.attention import sp_attention  # noqa: E402
+
+MODES = ["spava", "ring", "apb", "star", "ulysses"]
+
+
+def fake_group(rank: int, world: int) -> None:
+    """This process as rank ``rank`` of ``world``, with collectives that move nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    comm._all_gather_single = _no_collective
+    dist.all_to_all_single = _no_collective
+
+
+def _no_collective(*args, **kwargs):
+    return None  # no work handle: the callers treat it as a finished synchronous collective
+
+
+def count_ops(fn, top: int = 0) -> int:
+    """ATen operators of one call; ``top`` > 0 also prints the operators taking the most host time, and what
+    called each copy (copies hide in casts, ``contiguous()`` and kernels that want another memory layout)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=bool(top)) as prof:
+        fn()
+    if top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
+        callers = collections.Counter()
+        for e in prof.events():
+            if e.name == "aten::copy_":
+                chain, p = [], e.cpu_parent
+                while p is not None and len(chain) < 3:
+                    chain.append(p.name)
+                    p = p.cpu_parent
+                callers[(" < ".join(chain), str(e.input_shapes[:2]))] += 1
+        for (chain, shapes), n in callers.most_common():
+            print(f"copy_ x{n}: {chain} {shapes}")
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def time_call(fn, device: torch.device, iters: int, calls: int = 8):
+    """(host seconds to issue one call, GPU seconds of one call), medians over ``iters`` bursts of ``calls`` calls.
+
+    Each burst is issued back to back, as a model's layers are, behind a sleep kernel long enough that the host
+    never waits for the GPU (a few calls' kernels stay well inside CUDA's launch queue); the GPU then runs the
+    burst's kernels without gaps, so the events time its work alone.
+    """
+    host, gpu = [], []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host.append((time.perf_counter() - t0) / calls)
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            gpu.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(host), (statistics.median(gpu) if gpu else float("nan"))
+
+
+def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
+    fake_group(rank, world)
+    config = SpavaConfig(mode=mode)
+    layout = ZigzagLayout(tokens - args.query, args.query, world, config)
+    n = layout.local_len(rank)
+    hq, hkv = args.heads
+    q = torch.randn(1, n, hq, args.head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n, hkv, args.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+
+    def call():
+        with torch.inference_mode():
+            sp_attention(q, k, v, layout, config, layer_idx=0)
+
+    for _ in range(args.warmup):
+        call()
+    host, gpu = time_call(call, device, args.iters)
+    if args.python_profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(time_call, call, device, args.iters)
+        print(f"## {mode}, {tokens} tokens, W = {world}: own host time over {args.iters} calls")
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(args.python_profile)
+        stats.sort_stats("cumulative").print_stats(args.python_profile)
+    return dict(mode=mode, tokens=tokens, world=world, rank=rank, local_tokens=n, host_ms=host * 1e3,
+                gpu_ms=gpu * 1e3, ops=count_ops(call, args.top))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="whole sequence (context + query)")
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--rank", type=int, default=1, help="the rank to stand for (1: a middle rank, both blocks)")
+    p.add_argument("--heads", type=int, nargs=2, default=[16, 2], metavar=("HQ", "HKV"),
+                   help="query and KV heads (default: Qwen2.5-VL-3B's 16 and 2)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--query", type=int, default=48, help="query tokens")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed (median)")
+    p.add_argument("--top", type=int, default=0, help="print the N operators with the most host time per call")
+    p.add_argument("--python-profile", type=int, default=0, metavar="N",
+                   help="print the N functions with the most own host time over the timed calls (cProfile)")
+    p.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    print(f"# {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+          f"{dtype}, heads {args.heads[0]}/{args.heads[1]}, head_dim {args.head_dim}, rank {args.rank} of W")
+    print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for tokens in args.tokens:
+        for world in args.world:
+            if args.rank >= world:
+                raise SystemExit(f"--rank {args.rank} is not a rank of W = {world}")
+            for mode in args.modes:
+                r = measure(mode, tokens, world, args.rank, args, device, dtype)
+                rows.append(r)
+                bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
+                print(f"| {tokens} | {world} | {mode} | {r['local_tokens']} | {r['host_ms']:.3f} | "
+                      f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} |", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=str(device), dtype=str(dtype), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
