@@ -5,7 +5,7 @@ operators per call, not the kernels, sets the speed (docs/benchmarks.md, "Short 
 for one rank of a W-rank group, per mode:
 
 * ``host``: the wall time to issue one call, in bursts of calls issued back to back while the GPU is kept busy
-  by a sleep kernel (nothing waits for the GPU);
+  by a sleep kernel (nothing waits for the GPU); the least disturbed burst counts;
 * ``gpu``: the time the GPU spends on the call's kernels back to back (queued behind the sleep, no gaps);
 * ``ops``: the ATen operators one call runs (from torch.profiler; views included).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -40,18 +41,29 @@ MODES = ["spava", "ring", "apb", "star", "ulysses"]
 
 
 def fake_group(rank: int, world: int) -> None:
-    """This process as rank ``rank`` of ``world``, with collectives that move nothing."""
+    """This process as rank ``rank`` of ``world`` (collectives are patched by ``no_collectives``)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    comm._all_gather_single = _no_collective
-    dist.all_to_all_single = _no_collective
 
 
 def _no_collective(*args, **kwargs):
     return None  # no work handle: the callers treat it as a finished synchronous collective
+
+
+@contextlib.contextmanager
+def no_collectives():
+    """The collectives Spava's modes call return at once and move nothing, until the block ends."""
+    saved = comm._all_gather_single, dist.all_to_all_single
+    comm._all_gather_single = dist.all_to_all_single = _no_collective
+    try:
+        yield
+    finally:
+        comm._all_gather_single, dist.all_to_all_single = saved
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def count_ops(fn, top: int = 0) -> int:
@@ -75,7 +87,9 @@ def count_ops(fn, top: int = 0) -> int:
 
 
 def time_call(fn, device: torch.device, iters: int, calls: int = 8):
-    """(host seconds to issue one call, GPU seconds of one call), medians over ``iters`` bursts of ``calls`` calls.
+    """(host seconds to issue one call, GPU seconds of one call) over ``iters`` bursts of ``calls`` calls: the
+    least host time of a burst (the host is shared; the least disturbed burst is the cost itself) and the median
+    GPU time.
 
     Each burst is issued back to back, as a model's layers are, behind a sleep kernel long enough that the host
     never waits for the GPU (a few calls' kernels stay well inside CUDA's launch queue); the GPU then runs the
@@ -96,7 +110,7 @@ def time_call(fn, device: torch.device, iters: int, calls: int = 8):
             end.record()
             torch.cuda.synchronize()
             gpu.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(host), (statistics.median(gpu) if gpu else float("nan"))
+    return min(host), (statistics.median(gpu) if gpu else float("nan"))
 
 
 def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
@@ -143,12 +157,14 @@ def main(argv=None) -> int:
     p.add_argument("--query", type=int, default=48, help="query tokens")
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed (median)")
+    p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed")
     p.add_argument("--top", type=int, default=0, help="print the N operators with the most host time per call")
     p.add_argument("--python-profile", type=int, default=0, metavar="N",
                    help="print the N functions with the most own host time over the timed calls (cProfile)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
+    if args.rank >= min(args.world):
+        p.error(f"--rank {args.rank} is not a rank of W = {min(args.world)}")
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -160,18 +176,15 @@ def main(argv=None) -> int:
     print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for tokens in args.tokens:
-        for world in args.world:
-            if args.rank >= world:
-                raise SystemExit(f"--rank {args.rank} is not a rank of W = {world}")
-            for mode in args.modes:
-                r = measure(mode, tokens, world, args.rank, args, device, dtype)
-                rows.append(r)
-                bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
-                print(f"| {tokens} | {world} | {mode} | {r['local_tokens']} | {r['host_ms']:.3f} | "
-                      f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} |", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with no_collectives():
+        for tokens in args.tokens:
+            for world in args.world:
+                for mode in args.modes:
+                    r = measure(mode, tokens, world, args.rank, args, device, dtype)
+                    rows.append(r)
+                    bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
+                    print(f"| {tokens} | {world} | {mode} | {r['local_tokens']} | {r['host_ms']:.3f} | "
+                          f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=str(device), dtype=str(dtype), rows=rows), f, indent=1)
