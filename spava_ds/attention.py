@@ -134,16 +134,10 @@ def _passing_kv(parts, g1, g2, d: int, anchor_k=None, anchor_v=None):
 
 
 def _query_pieces(plan: _Plan, seg) -> List[Tuple[int, int, bool]]:
-    """Key ranges (local) of this rank's share for the exact query rows: anchor share, its blocks, query (rank 0).
-
-    Adjacent ranges are one piece (rank 0: ``[anchor | blocks]``): each piece costs an attention call and a merge.
-    """
+    """Key ranges (local) of this rank's share for the exact query rows: its blocks, on rank 0 with the anchor in
+    front (the whole anchor, right before block 1 in local order: one piece, one attention call), and the query."""
     a0, a1 = plan.layout.anchor_share(plan.rank)
-    pieces = [(a0, a1, False)] if a1 > a0 else []
-    if pieces and pieces[-1][1] == seg.block1[0]:
-        pieces[-1] = (a0, seg.block2[1], False)
-    else:
-        pieces.append((seg.block1[0], seg.block2[1], False))
+    pieces = [(a0 if a1 > a0 else seg.block1[0], seg.block2[1], False)]
     if plan.rank == 0:
         pieces.append((seg.query[0], seg.query[1], True))
     return pieces
