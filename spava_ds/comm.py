@@ -111,3 +111,19 @@ def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.Proc
     if group_rank_size(group)[1] == 1:
         return x.reshape(-1)
     return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)
+
+
+def raise_if_any_rank_failed(error: Optional[str], group: Optional[dist.ProcessGroup] = None,
+                             exc_type: type = RuntimeError) -> None:
+    """Collective: every rank of ``group`` raises ``exc_type`` when any rank passes an error message, naming the
+    ranks and their messages. A rank-local failure (e.g. its own frames did not decode) then stops every rank
+    before the next collective instead of leaving the others waiting in it."""
+    _, world = group_rank_size(group)
+    messages = [error]
+    if world > 1:
+        messages = [None] * world
+        dist.all_gather_object(messages, error, group=group)
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if failed:
+        raise exc_type(failed[0][1] if world == 1 else
+                       "; ".join(f"rank {r} of {world}: {m}" for r, m in failed))
