@@ -562,3 +562,72 @@ def test_gpu_preprocessing_within_a_grey_level_of_the_cpu(share_videos):
     # one grey level after normalisation is 1 / (255 * std) < 0.016
     assert gpu.shape == cpu.shape and (gpu - cpu).abs().max() <= 1 / (255 * min(OPENAI_CLIP_STD)) + 1e-5
     assert (gpu != cpu).float().mean() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ engine, W = 1 and 2
+
+def _old_pipeline_inputs(engine, path, question, fps):
+    """Today's engine inputs: every rank decodes, resizes and patchifies the whole video on the CPU."""
+    settings = engine.settings
+    frames, info = read_video(path, fps=fps, max_frames=settings["max_frames"])
+    pixels, grid = preprocess_video(resize_frames(frames, settings["min_pixels"], settings["max_pixels"]))
+    return dict(engine.video_prompt(grid, info["second_per_grid_t"], question), pixel_values_videos=pixels,
+                frames=len(frames))
+
+
+def _engine_new_vs_old(rank, world, path, truncated):
+    from spava_ds import SpavaConfig
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+    from spava_ds.assets import tiny_model_dir
+
+    engine = SpavaEngine.from_pretrained(tiny_model_dir(), SpavaConfig(mode="ring", anchor_len=16),
+                                         fused_vision=False)
+    question = "What is moving?"
+    new = engine.video_inputs(path, question, fps=3)
+    old = _old_pipeline_inputs(engine, path, question, fps=3)
+    plan = new["video_plan"]
+    first, stop = temporal_range(plan.num_steps, rank, world)
+    out = {"rows": new["pixel_values_videos"].shape[0], "own_rows": (stop - first) * plan.rows_per_step,
+           "same_prompt": torch.equal(new["input_ids"], old["input_ids"]),
+           "same_positions": torch.equal(new["position_ids"], old["position_ids"])}
+    gen = GenerationConfig(max_new_tokens=3)
+    for name, inputs in (("new", new), ("old", old)):
+        answer = engine.generate(inputs, gen)
+        out[name] = (answer.tokens, answer.first_logits)
+    # a frame that does not decode on one rank: every rank raises, before the vision all-gather
+    failing = dict(new, pixel_values_videos=None, video_error="frame 40 does not decode") if rank == world - 1 \
+        else new
+    with pytest.raises(VideoError, match=f"rank {world - 1} of {world}: frame 40 does not decode"
+                       if world > 1 else "frame 40"):
+        engine.generate(failing, gen)
+    with pytest.raises(VideoError, match="truncated"):  # the metadata check fails alike on every rank
+        engine.video_inputs(truncated, question)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        engine.video_inputs(path, question, fps=0)
+    with pytest.raises(ValueError, match="max_frames must be > 0"):
+        engine.video_inputs(path, question, max_frames=0)
+    return out
+
+
+@needs_av
+@pytest.mark.timeout(300)
+def test_engine_answers_from_own_frames_equal_the_whole_video_path(tmp_path):
+    """The engine on the embedded model: each rank's inputs hold only its own patch rows, and the answers (tokens
+    and first-token logits) equal those of today's whole-video inputs, at W = 1 and W = 2 (ring: exact)."""
+    from dist_utils import run_distributed
+
+    # 3 fps over 2.1 s of a 30 fps video: 6 frames sampled (0, 10, 21, ...), 3 temporal steps (2 + 1 on 2 ranks),
+    # frames on and between keyframes
+    path = write_synthetic_video(tmp_path / "v.mp4", 63, 100, 80, fps=30, seed=2, gop=15, bframes=2)
+    full = write_synthetic_video(tmp_path / "t.mp4", 40, 64, 48, fps=10, faststart=True)
+    data = open(full, "rb").read()
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    truncated = str(tmp_path / "truncated.mp4")
+    results = [_engine_new_vs_old(0, 1, path, truncated)] + run_distributed(_engine_new_vs_old, 2, path, truncated)
+    for res in results:
+        assert res["same_prompt"] and res["same_positions"]
+        assert res["new"][0] == res["old"][0]
+        assert (res["new"][1] - res["old"][1]).abs().max().item() < 1e-4
+    assert results[0]["rows"] == results[0]["own_rows"] == 3 * 80  # 140x112 frames: a 3 x 8 x 10 grid
+    assert [r["rows"] for r in results[1:]] == [r["own_rows"] for r in results[1:]] == [160, 80]
+    assert results[1]["new"][0] == results[0]["new"][0]  # ring over 2 ranks answers as one process
