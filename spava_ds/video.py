@@ -645,9 +645,10 @@ def hf_video_processor_available() -> bool:
 def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
                               do_resize: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
                               merge_size: int = 2, image_mean=OPENAI_CLIP_MEAN,
-                              image_std=OPENAI_CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+                              image_std=OPENAI_CLIP_STD, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same output as `preprocess_video(resize_frames(frames, ...))` (or without resizing when `do_resize` is
-    False), computed by transformers' Qwen2VLVideoProcessor. Needs torchvision; see hf_video_processor_available()."""
+    False), computed by transformers' Qwen2VLVideoProcessor (on `device` when given: its torch path runs on a GPU).
+    Needs torchvision; see hf_video_processor_available()."""
     frames = _check_frames(frames)
     if not hf_video_processor_available():
         raise RuntimeError("transformers' Qwen2VLVideoProcessor cannot be built here (it needs a torchvision that "
@@ -661,7 +662,7 @@ def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch_size,
         temporal_patch_size=temporal_patch_size, merge_size=merge_size, image_mean=list(image_mean),
         image_std=list(image_std), do_resize=do_resize, do_sample_frames=False, **options)
-    out = processor(videos=[frames], return_tensors="pt")
+    out = processor(videos=[frames], return_tensors="pt", **({"device": device} if device is not None else {}))
     return out["pixel_values_videos"], out["video_grid_thw"].to(torch.long)
 
 
