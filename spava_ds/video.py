@@ -392,7 +392,7 @@ def _decode_from(meta: VideoMetadata, wanted: List[int], threads: int, seek: boo
             container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
         index, position = key - 1, 0
         try:
-            for frame in container.decode(stream):
+            for frame in _decode_needed(container, stream, meta, set(wanted)):
                 stats["decoded_frames"] = stats.get("decoded_frames", 0) + 1
                 index = _frame_index(meta, frame.pts, index + 1)
                 if index > wanted[0] and position == 0 and key > 0:
@@ -412,12 +412,29 @@ class _SeekMissed(Exception):
     pass
 
 
+def _decode_needed(container, stream, meta: VideoMetadata, wanted: set):
+    """The decoded frames of `stream` from where the container stands, skipping the frames that are not wanted and
+    that no other frame refers to (FFmpeg's AVDISCARD_NONREF, set packet by packet: the frame threads take it with
+    each packet). Skipped frames change no other frame: the kept ones are those of a full decode."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        index = _pts_index(meta, packet.pts)
+        codec.skip_frame = "NONREF" if index is not None and index not in wanted else "DEFAULT"
+        yield from stream.decode(packet)
+
+
+def _pts_index(meta: VideoMetadata, pts: Optional[int]) -> Optional[int]:
+    """The index of the frame with timestamp `pts`, None when no frame has it (or timestamps are unknown)."""
+    if meta.frame_pts is None or pts is None:
+        return None
+    i = bisect.bisect_left(meta.frame_pts, pts)
+    return i if i < len(meta.frame_pts) and meta.frame_pts[i] == pts else None
+
+
 def _frame_index(meta: VideoMetadata, pts: Optional[int], counted: int) -> int:
     """A decoded frame's index: its timestamp's place among the frames' when known, else the count so far."""
-    if meta.frame_pts is None or pts is None:
-        return counted
-    i = bisect.bisect_left(meta.frame_pts, pts)
-    return i if i < len(meta.frame_pts) and meta.frame_pts[i] == pts else counted
+    index = _pts_index(meta, pts)
+    return counted if index is None else index
 
 
 def iter_frames(meta: VideoMetadata, indices, threads: int = 0, stats: dict | None = None) -> Iterator[np.ndarray]:
