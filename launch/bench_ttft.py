@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 from fractions import Fraction
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the lent machines (GPU.md)
 
@@ -294,8 +294,8 @@ def tables(rows: List[dict]) -> str:
                    + f" | {(p['decode'] + p['preprocess']) / r['ttft']:.1%} | {same} |")
     shares = [r for r in rows if r.get("kind") == "share"]
     if shares:
-        out += ["", "| model | video | context | W | slowest rank: decode + preprocess s | its decode | its preprocess | "
-                "frames kept / decoded | metadata s | every rank's total s |", "|" + "---|" * 10]
+        out += ["", "| model | video | video tokens | W | slowest rank: decode + preprocess s | its decode | "
+                "its preprocess | frames kept / decoded | metadata s | every rank's total s |", "|" + "---|" * 10]
         for r in sorted(shares, key=lambda r: (r["resolution"], r["target"], r["world"])):
             slow = max(r["ranks"], key=lambda x: x["total"])
             out.append(f"| {r['model']} | {r['resolution']} | {r['context_tokens']} | {r['world']} | "
@@ -322,7 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--video-fps", type=int, default=30, help="frame rate of the written videos")
-    p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (default: Qwen's 768*28*28)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="per-frame pixel cap (default: Qwen's 768*28*28; 0: the native size, rounded to 28)")
     p.add_argument("--video-dir", default=".bench/videos", help="where the written videos are cached")
     p.add_argument("--out", default="bench_ttft.jsonl", help="JSON lines; an existing file is resumed")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no measurement after this")
@@ -349,8 +350,8 @@ def setup(args):
         torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     settings = dict(TINY_VIDEO if args.tiny else QWEN_VIDEO, max_frames=1 << 20)  # no frame cap: the context decides
-    if args.max_pixels:
-        settings["max_pixels"] = args.max_pixels
+    if args.max_pixels is not None:
+        settings["max_pixels"] = args.max_pixels or 1 << 40
     grid = dict(models=args.models or (["tiny"] if args.tiny else ["7b"]),
                 resolutions=args.resolutions or (["128x96"] if args.tiny else ["360p", "720p"]),
                 contexts=[parse_context(c) for c in args.contexts] if args.contexts else

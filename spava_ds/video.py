@@ -1,13 +1,25 @@
-"""Video input for Qwen2.5-VL-style models: decode and sample frames (PyAV), resize to the model's pixel budget, and
-turn frames into the vision tower's flat patches, without torchvision.
+"""Video input for Qwen2.5-VL-style models: plan from the container's metadata, decode only the frames a rank needs
+(PyAV), resize to the model's pixel budget and turn frames into the vision tower's flat patches in torch, on any
+device, without torchvision.
 
-The rules follow transformers' `Qwen2VLVideoProcessor` (which Qwen2.5-VL uses) so that this path and the Hugging
-Face processor give the same tensors:
+The pipeline of a sequence-parallel job (``SpavaEngine.video_inputs``):
+
+* ``plan_video`` (every rank, no decoding): ``read_metadata`` scans the packets (size, frame rate, duration, frame
+  count, keyframe index, a truncated file's missing end) and the ``VideoPlan`` holds the sampled frames, the resized
+  size and the grid, hence the token count and the seconds per temporal step (the prompt and the M-RoPE positions);
+* ``video_pixels(plan, first_step, stop_step, device)`` (each rank, its own temporal steps): ``iter_frames`` seeks
+  to the keyframe at or before the first frame and decodes with FFmpeg's threads up to the last, then
+  ``preprocess_frames`` resizes, normalises and patchifies in torch on the rank's GPU.
+
+The whole-video functions (``read_video``, ``resize_frames``, ``preprocess_video``) are the previous path and the
+reference of the tests. The rules follow transformers' ``Qwen2VLVideoProcessor`` (which Qwen2.5-VL uses), so that
+these paths and the Hugging Face processor give the same tensors:
 
 * sampling: `fps` frames per second (default 2), at least `min_frames` (4) and at most `max_frames` (768), rounded
   down to a multiple of the temporal patch (2), indices spread uniformly over the whole video;
 * resizing: `smart_resize` (sides multiples of 28, pixels within [min_pixels, max_pixels]) with antialiased bicubic
-  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU;
+  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU (on a GPU: in float,
+  rounded to whole grey levels, as torchvision does there);
 * patchify: rescale and normalise with the CLIP mean/std, then the (t, h/2, w/2, 2, 2) patch order the vision
   tower's 2x2 merger expects; an odd frame count is padded by repeating the last frame.
 """
@@ -17,7 +29,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
