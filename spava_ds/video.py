@@ -306,12 +306,16 @@ def _declared_seconds(container, stream) -> Optional[float]:
 
 
 def _scan_packets(container, stream, path: str):
-    """Presentation timestamps and keyframe flags of the complete packets, and where the last one ends (seconds)."""
+    """Presentation timestamps and keyframe flags of the complete packets that are shown, how many packets an edit
+    list hides (decoded, never shown), and where the last one ends (seconds)."""
     av = _import_av()
-    pts, keyframe, end = [], [], 0.0
+    pts, keyframe, end, hidden = [], [], 0.0, 0
     try:
         for packet in container.demux(stream):
             if packet.size == 0 or packet.is_corrupt:  # flush packets; a packet cut by the end of the file
+                continue
+            if packet.is_discard:
+                hidden += 1
                 continue
             pts.append(packet.pts)
             keyframe.append(packet.is_keyframe)
@@ -320,7 +324,7 @@ def _scan_packets(container, stream, path: str):
     except av.FFmpegError as err:
         raise VideoError(f"cannot read video {path!r}: corrupt data after {len(pts)} packets ({err})") from err
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    return pts, keyframe, end - start
+    return pts, keyframe, hidden, end - start
 
 
 def read_metadata(path: str | os.PathLike) -> VideoMetadata:
@@ -337,15 +341,15 @@ def read_metadata(path: str | os.PathLike) -> VideoMetadata:
         announced = stream.frames  # 0 when the container does not say (Matroska, WebM)
         declared = _declared_seconds(container, stream)
         width, height = stream.codec_context.width, stream.codec_context.height
-        pts, keyframe, packets_end = _scan_packets(container, stream, path)
-    total = announced if announced > 0 else len(pts)
+        pts, keyframe, hidden, packets_end = _scan_packets(container, stream, path)
+    total = announced - hidden if announced > 0 else len(pts)
     if total <= 0:
         raise VideoError(f"{path!r} has a video stream but no frames")
     source_fps = float(rate) if rate else (total / declared if declared else None)
     if not source_fps:
         raise VideoError(f"cannot determine the frame rate of {path!r}")
     missing_end = declared is not None and packets_end < declared - max(0.25, 2 / source_fps)
-    if len(pts) < announced or (announced <= 0 and missing_end):
+    if len(pts) + hidden < announced or (announced <= 0 and missing_end):
         raise VideoError(f"{path!r} is truncated or corrupt: its header promises "
                          + (f"{announced} frames" if announced > 0 else f"{declared:.2f} s of video")
                          + f" but its packets end after {len(pts)} frames ({packets_end:.2f} s)")
