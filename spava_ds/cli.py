@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 from typing import List, Optional, Set
@@ -366,7 +367,7 @@ def answer_batch(args, engine, gen, todo: List[BatchItem], plan: Optional[Output
         if rank == 0:
             progress.close()
             out.close()
-            print(_summary(plan.path, counts, len(todo)), flush=True)
+            print(_summary(plan.path, counts, len(todo), stop), flush=True)
     if stop:
         return 128 + stop
     return EXIT_RECORDS_FAILED if counts["errors"] else 0
@@ -382,9 +383,11 @@ def _prepare(engine, item: BatchItem, args):
         return None, entry.one_line(err)
 
 
-def _summary(path: str, counts: dict, total: int) -> str:
+def _summary(path: str, counts: dict, total: int, stop: Optional[int]) -> str:
     left = total - counts["answers"] - counts["errors"]
     text = f"{path}: {counts['answers']} answer(s) written"
+    if stop:
+        text = f"stopped by {signal.Signals(stop).name}; {text}"
     if counts["errors"]:
         text += f"; {counts['errors']} of {total} record(s) failed (error records; --resume tries them again)"
     if left:

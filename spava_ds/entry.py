@@ -160,7 +160,9 @@ def run_main(fn: Callable[[argparse.Namespace], Optional[int]], args: argparse.N
         return _fail(128 + signum, f"stopped by {signal.Signals(signum).name}", None, args)
     except Exception as err:  # noqa: BLE001 - the one place that reports every error
         if _is_collective_failure(err) and _state.health is not None:
-            return _fail(1, f"{_failed_peers()}; a collective failed: {one_line(err)}", err, args, cause=False)
+            culprits = _failed_peers()
+            return _fail(1, f"{culprits + '; ' if culprits else ''}a collective failed: {one_line(err)}", err, args,
+                         cause=False)
         return _fail(1, one_line(err), err, args)
     finally:
         for sig, handler in previous.items():
@@ -181,7 +183,7 @@ def _is_collective_failure(err: Exception) -> bool:
 
 
 def _failed_peers() -> str:
-    """Which peers failed or went silent, from the store (this rank waits HEALTH_WAIT_S at most)."""
+    """Which peers failed or went silent ("" if none), from the store (this rank waits HEALTH_WAIT_S at most)."""
     health = _state.health
     health.post("peer-failure")  # a victim, not a cause: the others do not name this rank
     _state.deferring = True  # torchrun's SIGTERM follows a dead rank at once: finish this first
@@ -196,7 +198,7 @@ def _failed_peers() -> str:
     parts = [f"{_ranks([r])} failed ({message})" for r, message in sorted(failed.items())]
     if silent:
         parts.append(f"{_ranks(silent)} did not answer within {HEALTH_WAIT_S:g} s (killed, crashed or stuck)")
-    return "; ".join(parts) or "every other rank is alive"
+    return "; ".join(parts)
 
 
 def _fail(code: int, message: str, err: Optional[BaseException], args, cause: bool = True) -> int:
