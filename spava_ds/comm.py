@@ -153,7 +153,8 @@ class RankHealth:
     peer that died: gloo's errors give a socket address, NCCL's nothing. torchrun's agent hosts the store (it outlives
     every rank); without torchrun, rank 0 hosts it, and an unreachable store means rank 0 is gone.
 
-    ``RankHealth.connect`` returns None where the job has no TCP store to reach (no MASTER_ADDR/MASTER_PORT).
+    ``RankHealth.connect`` returns None where the job has no TCP store to reach (no MASTER_ADDR/MASTER_PORT, or
+    another kind of rendezvous): the survivors then say only that a collective failed.
     """
 
     def __init__(self, store: dist.Store, rank: int, world: int, host: str):
@@ -165,8 +166,11 @@ class RankHealth:
         if not addr or not port:
             return None
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            store = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError):  # DistError is a RuntimeError
+            return None
         # one namespace per run and restart: torchrun's agent keeps its store across restarts
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         return cls(dist.PrefixStore(f"spava_ds/health/{run}/", store), rank, world,

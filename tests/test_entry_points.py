@@ -2,8 +2,9 @@
 
 * spava-infer refuses bad options on every rank before any collective (--top-p 0 on 2 processes, --fps 0,
   --max-frames 0, --timeout 0, option clashes), never truncates an existing --output nor writes over --batch (same
-  path, a symlink, another spelling, a hard link), refuses --resume on a file of another batch, and cuts a torn last
-  line on --resume; the synthetic task videos' folders are removed, also on error;
+  path, a symlink, another spelling, a hard link) nor lets two jobs write one output, refuses --resume on a file of
+  another batch, and cuts a torn last line on --resume; the synthetic task videos' folders are removed, also on
+  error;
 * sampling settings and non-string questions are checked by the engine's public API;
 * ``entry.agreed``: an error one rank sees reaches every rank (3 gloo processes), the ranks stay in step;
 * launch/eval_videoqa.py, demo_attention.py and bench_kernels.py report errors in one line.
@@ -147,11 +148,28 @@ def test_outputs_are_never_truncated_nor_the_batch_overwritten(capsys, tmp_path)
     assert code == 1
     _one_error_line(err, "is not a record of spava-infer's answers")
     assert earlier.read_text() == '{"answer": "an earlier run"}\n'
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    code, _, err = _infer(capsys, "--batch", str(empty))
+    assert code == 1
+    _one_error_line(err, "has no records")
     other = tmp_path / "other.jsonl"  # the answers of another batch
     other.write_text(json.dumps({"video": "x.mp4", "question": "Other?", "batch_line": 1, "answer": "no"}) + "\n")
     code, _, err = _infer(capsys, "--batch", str(batch), "--output", str(other), "--resume")
     assert code == 1
     _one_error_line(err, "the batch changed")
+
+
+def test_a_second_job_cannot_write_into_the_same_output(tmp_path):
+    from spava_ds.cli import AnswerFile, OutputPlan
+
+    path = str(tmp_path / "answers.jsonl")
+    first = AnswerFile(OutputPlan(path, "new", set()))
+    try:
+        with pytest.raises(ValueError, match="being written by another job"):
+            AnswerFile(OutputPlan(path, "resume", set()))
+    finally:
+        first.close()
 
 
 @pytest.mark.timeout(120)
@@ -215,6 +233,33 @@ def test_an_error_one_rank_sees_reaches_every_rank():
     assert per_rank[1] == ["own: rank 1 cannot read its file", "ok", "same"]
     for rank in (0, 2):
         assert per_rank[rank] == ["peer: the step failed on rank 1: rank 1 cannot read its file", "ok", "same"]
+
+
+def test_rank_health_names_failed_and_silent_ranks(monkeypatch):
+    import gc
+    import time
+
+    import torch.distributed as dist
+
+    from spava_ds import comm
+
+    host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # stands for rank 0's store
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(host.port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    ranks = [comm.RankHealth.connect(r, 3) for r in range(3)]
+    assert ranks[0].store_host == "rank 0"
+    ranks[1].post("error: out of memory")
+    start = time.monotonic()
+    assert ranks[0].peers(0.3) == {1: "error: out of memory", 2: None}  # rank 2 stays silent: waited for
+    assert time.monotonic() - start >= 0.3
+    ranks[2].post("peer-failure")
+    assert ranks[0].peers(60) == {1: "error: out of memory", 2: "peer-failure"}  # all answered: no wait
+    del host
+    gc.collect()
+    with pytest.raises(dist.DistError):  # the store's host is gone
+        ranks[0].peers(1)
+    ranks[0].post("error: too late")  # best effort: no error
 
 
 def test_the_timeout_default_comes_from_the_environment():

@@ -8,7 +8,8 @@
   well before torchrun's 30 s SIGKILL;
 * a stuck rank (SIGSTOP) with ``--timeout 5``: rank 0 gives up after the timeout and names rank 1.
 
-Each case is bounded by a timeout; the runs are kept small (about 15 s each here).
+Each case is bounded by a timeout; the runs are kept small (about 15 s each here). The CPU cases hide the GPUs (gloo
+everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ BAD = {  # batch line -> (the line, what its error record must say)
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    """A batch file: GOOD records with the bad ones of BAD at their lines, and a blank line."""
+    return _write_batch(tmp_path_factory.mktemp("faults"), GOOD)
+
+
+def _write_batch(folder, good_records: int):
+    """A batch file: ``good_records`` records with the bad ones of BAD at their lines, and a blank line."""
     from spava_ds.video import write_synthetic_video
 
-    folder = tmp_path_factory.mktemp("faults")
     video = write_synthetic_video(str(folder / "v.webm"), num_frames=12, width=112, height=112, fps=2, seed=1)
     lines, good = [], 0
-    while good < GOOD:
+    while good < good_records:
         n = len(lines) + 1
         if n in BAD:
             lines.append(BAD[n][0].replace("MISSING", str(folder / "missing.mp4")).replace('"V"', json.dumps(video)))
@@ -67,13 +71,16 @@ def _command(batch, output, *extra):
             "--output", str(output), "--max-new-tokens", "8", *extra]
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+def _env(gpu: bool):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU machine
+    return env
 
 
-def _run(batch, output, *extra, timeout=150):
+def _run(batch, output, *extra, gpu=False, timeout=150):
     return subprocess.run(_command(batch, output, *extra), capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+                          env=_env(gpu))
 
 
 def _records(output):
@@ -101,10 +108,10 @@ def reference(batch, tmp_path_factory):
     return res, _records(output)
 
 
-def _start_and_wait(batch, output, lines: int, *extra):
+def _start_and_wait(batch, output, lines: int, *extra, gpu=False):
     """Start the job; return it once ``output`` has ``lines`` lines (a fault then lands mid-batch)."""
     proc = subprocess.Popen(_command(batch, output, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+                            text=True, env=_env(gpu))
     deadline = time.monotonic() + 120
     while not (output.exists() and output.read_text().count("\n") >= lines):
         assert proc.poll() is None, proc.communicate()
@@ -165,8 +172,11 @@ def test_kill9_of_the_writer_then_resume(batch, reference, tmp_path):
 
 @pytest.mark.timeout(200)
 def test_sigterm_to_the_launcher(batch, tmp_path):
-    output = tmp_path / "answers.jsonl"
-    proc = _start_and_wait(batch, output, 4)
+    _sigterm_to_the_launcher(batch, tmp_path / "answers.jsonl")
+
+
+def _sigterm_to_the_launcher(batch, output, *extra, gpu=False):
+    proc = _start_and_wait(batch, output, 4, *extra, gpu=gpu)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=90)
@@ -176,7 +186,7 @@ def test_sigterm_to_the_launcher(batch, tmp_path):
     for rank in (0, 1):
         assert f"[rank {rank}] SIGTERM: stopping after the record in flight" in stderr
     assert "error:" not in stderr, stderr[-3000:]
-    assert 4 <= len(_records(output)) < GOOD + len(BAD)
+    assert 4 <= len(_records(output)) < len(open(batch).read().splitlines())
 
 
 @pytest.mark.timeout(200)
@@ -205,3 +215,29 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+@pytest.mark.gpu(count=2)
+@pytest.mark.timeout(500)
+def test_faults_with_nccl(tmp_path):
+    """The faults on 2 GPUs (NCCL, fp32): SIGTERM to torchrun stops every rank after the same record; kill -9 of the
+    writer leaves complete lines and ends the job (a survivor waiting in a GPU collective runs no Python, so the NCCL
+    watchdog or torchrun ends it, and torchrun's summary names the dead rank); --resume then completes the
+    uninterrupted run's answers."""
+    batch = _write_batch(tmp_path, 300)  # a GPU answers the tiny model's questions fast: keep the fault mid-batch
+    fp32 = ("--dtype", "float32")
+    reference = tmp_path / "reference.jsonl"
+    res = _run(batch, reference, *fp32, gpu=True, timeout=300)
+    assert f"{len(BAD)} of {300 + len(BAD)} record(s) failed" in res.stdout, res.stderr[-3000:]
+    _sigterm_to_the_launcher(batch, tmp_path / "stopped.jsonl", *fp32, gpu=True)
+    output = tmp_path / "killed.jsonl"
+    proc = _start_and_wait(batch, output, 4, *fp32, gpu=True)
+    killed = time.monotonic()
+    os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    first = _records(output)
+    _run(batch, output, "--resume", *fp32, gpu=True, timeout=300)
+    assert _records(output)[:len(first)] == first
+    assert _answers(_records(output)) == _answers(_records(reference))
