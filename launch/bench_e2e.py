@@ -896,22 +896,29 @@ def main(argv=None) -> int:
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only plot and tabulate result files")
     p.add_argument("--plot-out", default=None, help="PNG path for --plot (default: the first JSON with .png)")
     p.add_argument("--inject-oom", default=None, help=argparse.SUPPRESS)  # "METHOD@TARGET": test the skip path
+    from spava_ds import entry
+
+    entry.add_arguments(p)
     args = p.parse_args(argv)
 
     if args.plot:
         return plot(args.plot, args.plot_out or os.path.splitext(args.plot[0])[0] + ".png")
+    return entry.run_main(bench, args)
 
+
+def bench(args) -> int:
+    """Every model x resolution x context x method of ``args``; rank 0 writes the JSON and prints the tables."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from spava_ds import comm
+    from spava_ds import entry
     from spava_ds.assets import tiny_model_dir
 
     hf_logging.set_verbosity_error()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.tiny:
         torch.set_num_threads(1)
-    rank, world = comm.init_distributed(backend="gloo" if args.tiny else None) if distributed else (0, 1)
+    rank, world = entry.init_distributed(args, backend="gloo" if args.tiny else None) if distributed else (0, 1)
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import SpavaConfig, ZigzagLayout, comm  # noqa: E402
+from spava_ds import SpavaConfig, ZigzagLayout, comm, entry  # noqa: E402
 from spava_ds.attention import sp_attention  # noqa: E402
 
 MODES = ["spava", "ring", "apb", "star", "ulysses"]
@@ -162,9 +162,15 @@ def main(argv=None) -> int:
     p.add_argument("--python-profile", type=int, default=0, metavar="N",
                    help="print the N functions with the most own host time over the timed calls (cProfile)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
+    entry.add_arguments(p)
     args = p.parse_args(argv)
     if args.rank >= min(args.world):
         p.error(f"--rank {args.rank} is not a rank of W = {min(args.world)}")
+    return entry.run_main(bench, args)
+
+
+def bench(args) -> int:
+    """One rank's host and GPU time per call of every mode, token count and world size; prints the table."""
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
@@ -24,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
-from spava_ds import (SpavaConfig, ZigzagLayout, dense_causal_attention, reference_attention,  # noqa: E402
+from spava_ds import (SpavaConfig, ZigzagLayout, dense_causal_attention, entry, reference_attention,  # noqa: E402
                       spava_attention)
-from spava_ds.comm import init_distributed  # noqa: E402
 
 log = logging.getLogger("spava_ds.demo")
 
@@ -57,7 +55,7 @@ def timed(fn, device, repeat):
     return out, min(times)
 
 
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context-len", type=int, default=8192, help="context tokens before the question")
     p.add_argument("--query-len", type=int, default=48, help="question tokens")
@@ -70,10 +68,15 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeat", type=int, default=3, help="timed runs (the best is reported)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    entry.add_arguments(p)
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return entry.run_main(demo, args)
 
-    rank, world = init_distributed() if "RANK" in os.environ else (0, 1)
+
+def demo(args) -> None:
+    """Spava on the ranks against the reference and dense attention on rank 0; rank 0 prints the errors and times."""
+    rank, world = entry.init_distributed(args)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core per rank: W ranks use W cores, dense uses one
@@ -119,4 +122,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

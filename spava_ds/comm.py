@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional, Tuple
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SPAVA_DIST_TIMEOUT", "600")))
+# How long a rank waits for the others in a collective (and at start-up) before it gives up: long enough for the
+# longest legitimate wait we know (a 7B checkpoint loading from a cold disk, rank 0 alone in a dense reference run),
+# short enough that a stuck rank ends the job in minutes. Entry points take --timeout; see docs/reliability.md.
+def _timeout_from_env() -> datetime.timedelta:
+    text = os.environ.get("SPAVA_DIST_TIMEOUT", "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"SPAVA_DIST_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+DEFAULT_TIMEOUT = _timeout_from_env()
 
 
 # A "group" of this process alone, usable inside a distributed job (e.g. a dense baseline on one rank).
@@ -113,17 +128,83 @@ def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.Proc
     return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)
 
 
+# ---- for entry points: objects gathered across ranks, and naming a rank that died ------------------------------------
+def all_gather_objects(obj, group: Optional[dist.ProcessGroup] = None) -> list:
+    """Every rank's ``obj`` (picklable) in rank order, on every rank; ``[obj]`` in a single process."""
+    world = group_rank_size(group)[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, group: Optional[dist.ProcessGroup] = None):
+    """Rank 0's ``obj`` (picklable) on every rank of ``group``."""
+    if group_rank_size(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return box[0]
+
+
+class RankHealth:
+    """How each rank ended, posted in the job's rendezvous store, so that a rank whose collective failed can name the
+    peer that died: gloo's errors give a socket address, NCCL's nothing. torchrun's agent hosts the store (it outlives
+    every rank); without torchrun, rank 0 hosts it, and an unreachable store means rank 0 is gone.
+
+    ``RankHealth.connect`` returns None where the job has no TCP store to reach (no MASTER_ADDR/MASTER_PORT, or
+    another kind of rendezvous): the survivors then say only that a collective failed.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world: int, host: str):
+        self._store, self.rank, self.world, self.store_host = store, rank, world, host
+
+    @classmethod
+    def connect(cls, rank: int, world: int, timeout_s: float = 5.0) -> Optional["RankHealth"]:
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not addr or not port:
+            return None
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        try:
+            store = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError):  # DistError is a RuntimeError
+            return None
+        # one namespace per run and restart: torchrun's agent keeps its store across restarts
+        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return cls(dist.PrefixStore(f"spava_ds/health/{run}/", store), rank, world,
+                   "torchrun's agent" if agent else "rank 0")
+
+    def post(self, status: str) -> None:
+        """Tell the other ranks how this rank ends (best effort: the store's host may be gone)."""
+        try:
+            self._store.set(str(self.rank), status)
+        except Exception:  # noqa: BLE001 - nothing more to tell anyone
+            pass
+
+    def peers(self, wait_s: float) -> Dict[int, Optional[str]]:
+        """Each other rank's posted status, waiting up to ``wait_s`` for them all; None for a rank that posted
+        nothing in that time (killed, crashed in native code, or stuck). Raises ``dist.DistError`` when the store
+        is unreachable."""
+        statuses: Dict[int, Optional[str]] = {r: None for r in range(self.world) if r != self.rank}
+        deadline = time.monotonic() + wait_s
+        while True:
+            for r in [r for r, s in statuses.items() if s is None]:
+                if self._store.check([str(r)]):
+                    statuses[r] = self._store.get(str(r)).decode("utf-8", "replace")
+            if all(s is not None for s in statuses.values()) or time.monotonic() > deadline:
+                return statuses
+            time.sleep(0.1)
+
+
 def raise_if_any_rank_failed(error: Optional[str], group: Optional[dist.ProcessGroup] = None,
                              exc_type: type = RuntimeError) -> None:
     """Collective: every rank of ``group`` raises ``exc_type`` when any rank passes an error message, naming the
     ranks and their messages. A rank-local failure (e.g. its own frames did not decode) then stops every rank
     before the next collective instead of leaving the others waiting in it."""
-    _, world = group_rank_size(group)
-    messages = [error]
-    if world > 1:
-        messages = [None] * world
-        dist.all_gather_object(messages, error, group=group)
+    messages = all_gather_objects(error, group)
     failed = [(r, m) for r, m in enumerate(messages) if m]
     if failed:
-        raise exc_type(failed[0][1] if world == 1 else
-                       "; ".join(f"rank {r} of {world}: {m}" for r, m in failed))
+        raise exc_type(failed[0][1] if len(messages) == 1 else
+                       "; ".join(f"rank {r} of {len(messages)}: {m}" for r, m in failed))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import os
 import time
 from typing import List, Optional
@@ -41,6 +43,16 @@ class GenerationConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        # checked where it is made, identically on every rank: a bad value must not reach rank 0's sampler alone
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
 
 
 @dataclasses.dataclass
@@ -326,7 +338,9 @@ def _elapsed(a, b) -> float:
 
 
 def _check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a string, got {type(question).__name__} {question!r}")
+    if not question.strip():
         raise ValueError("the question is empty: pass --question \"...\"")
 
 
