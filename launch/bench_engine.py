@@ -72,7 +72,7 @@ def main():
     from spava_ds.assets import tiny_model_dir
     from spava_ds.video import write_synthetic_video
 
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = comm.init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     if args.tiny:
         base = SpavaEngine.from_pretrained(tiny_model_dir())

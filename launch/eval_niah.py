@@ -199,7 +199,7 @@ def write_record(out, record: dict) -> None:
 
 
 def evaluate(args) -> None:
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = comm.init_distributed()
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(args.seed)

@@ -55,7 +55,7 @@ def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
 
 
 def evaluate(args) -> None:
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = comm.init_distributed()
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(0)

@@ -110,7 +110,7 @@ def run(args) -> int:
     from .assets import default_model_dir
     from .engine import GenerationConfig, SpavaEngine, dense_engine_like
 
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = comm.init_distributed()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     config = _spava_config(args, world)
     model_dir = args.model or default_model_dir()

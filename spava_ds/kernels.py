@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import types
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -130,6 +130,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
     if backend == "auto":
         backend = auto_backend(q.device, q.dtype)
     return _BACKENDS[backend](q, k, v, causal, scale)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """Exact causal attention over the whole sequence ([b, s, h, d] in and out, GQA native), via SDPA."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 # ---- backward -------------------------------------------------------------------------------------------------
@@ -274,6 +283,12 @@ def _merge_pair_for(o1: torch.Tensor, o2: torch.Tensor, out_dtype: torch.dtype):
         _compiled_merges[key] = (code_copy, torch.compile(code_copy, dynamic=True, fullgraph=True,
                                                           backend=COMPILE_BACKEND))
     return _compiled_merges[key][1]
+
+
+def compiled_merges() -> Dict[tuple, Callable]:
+    """The pairwise merges compiled so far: signature (dtypes, contiguity) -> the function dynamo compiled (its own
+    code copy, whose cache entries are that signature's compiled variants)."""
+    return {key: code_copy for key, (code_copy, _) in _compiled_merges.items()}
 
 
 def _pair(o1, l1, o2, l2, out_dtype) -> AttnOut:
