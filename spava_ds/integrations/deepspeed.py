@@ -116,9 +116,10 @@ class DistributedAttention(torch.nn.Module):
             raise ValueError(f"DistributedAttention: mode {config.mode!r} needs a {config.mode_spec.layout} layout, "
                              f"got {layout}; build the layout with the same SpavaConfig")
         rank, _ = comm.group_rank_size(self.spg)
-        if not layout.sharded_for(rank):
+        if layout.world_size > 1 and not layout.sharded_for(rank):
             # DeepSpeed's contiguous shards have the same local length when there is no anchor and no query, and
-            # would give wrong attention without an error: only tokens this layout sharded are accepted.
+            # would give wrong attention without an error: only tokens this layout sharded are accepted (one rank
+            # holds the whole sequence in either order).
             raise ValueError(f"DistributedAttention: the tokens of rank {rank} were not sharded with this layout "
                              f"({layout}); it needs this layout's zigzag order, not DeepSpeed's contiguous slices: "
                              "shard the batch with sp_shard_batch (or layout.shard) and use the layout it returns")
