@@ -22,6 +22,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from .config import MODES
+
 log = logging.getLogger("spava_ds.infer")
 
 DEFAULT_QUESTION = "What is in this video?"
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seed", type=int, default=0, help="without --video: which held-out video (0, 1, ...)")
     p.add_argument("--batch", help="a .jsonl file of {\"video\": ..., \"question\": ...} records to answer")
     p.add_argument("--output", help="with --batch: where to write the answers (.jsonl; default: next to --batch)")
-    p.add_argument("--mode", choices=["spava", "ring", "ulysses", "dense", "star", "apb"],
+    p.add_argument("--mode", choices=MODES,
                    help="attention mode (default: the config's, else spava)")
     p.add_argument("--anchor-len", type=int, help="override the anchor length rule")
     p.add_argument("--passing-len", type=int, help="override the passing budget rule")
