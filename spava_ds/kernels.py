@@ -7,7 +7,8 @@ sets are combined exactly by ``merge``.
 
 Backends: ``math`` (plain PyTorch, fp32 accumulation, any device), ``cpu_flash`` (aten's flash kernel for CPU,
 native GQA), ``cudnn``, ``sdpa_flash`` and ``sdpa_efficient`` (the SDPA ops that return the LSE on CUDA; the
-last one also takes fp32), ``flash_attn`` (the flash-attn package, when installed).
+last one also takes fp32), ``flash_attn`` (the flash-attn package, when installed). ``dense_causal_attention`` is
+exact causal attention over a whole sequence (SDPA): mode ``dense``, Ulysses' local attention, and the tests' oracle.
 """
 
 from __future__ import annotations
