@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=8, help="bursts of 8 calls timed per row (bench_host --iters)")
+    p.add_argument("--iters", type=int, default=6, help="bursts of 8 calls timed per row (bench_host --iters)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None, help="default: bench_host's (CUDA when there is one)")
-    p.add_argument("--time-budget", type=float, default=480.0, help="seconds; start no run that would pass it")
+    p.add_argument("--time-budget", type=float, default=450.0, help="seconds; start no run that would pass it")
     p.add_argument("--out", required=True, help="JSON of every run (the format of docs/results/host_*.json)")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.before, "launch", "bench_host.py")):

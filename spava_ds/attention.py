@@ -25,7 +25,7 @@ to the rank that selected it. Replicated tokens (anchor, query) get partial grad
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,7 @@ class _Call:
     anchor_len: int
     seg: LocalSegments       # where the anchor, the blocks and the query sit locally
     passing: PassingPlan     # what the blocks send and receive
-    keys: List[KeyRange]     # this rank's share of the keys for the exact query rows
+    keys: Tuple[KeyRange, ...]  # this rank's share of the keys for the exact query rows
     needs_grad: bool         # keep what the backward pass needs (the merged LSE of the first block's rows)
 
 

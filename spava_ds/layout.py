@@ -111,7 +111,10 @@ class ZigzagLayout:
             bounds.append((start, start + size))
             start += size
         self.block_bounds: List[Range] = bounds
-        self._plans: Dict[Tuple[int, Optional[int]], PassingPlan] = {}  # (rank, budget) -> plan, built once
+        # Answers asked on every layer's call, built once: rank -> segments / key share, (rank, budget) -> plan.
+        self._segments: Dict[int, LocalSegments] = {}
+        self._key_shares: Dict[int, Tuple[KeyRange, ...]] = {}
+        self._plans: Dict[Tuple[int, Optional[int]], PassingPlan] = {}
         self._sharded_ranks: set = set()
 
     # ---- who holds what -------------------------------------------------------------------------------------
@@ -147,15 +150,18 @@ class ZigzagLayout:
         return [(0, self.anchor_len), first, second, self.query_range]
 
     def local_len(self, rank: int) -> int:
-        return sum(end - start for start, end in self.global_ranges(rank))
+        return self.local_segments(rank).query[1]
 
     def local_segments(self, rank: int) -> LocalSegments:
         """Where the anchor, the two blocks and the query sit inside the rank's local sequence."""
-        out, offset = [], 0
-        for start, end in self.global_ranges(rank):
-            out.append((offset, offset + end - start))
-            offset += end - start
-        return LocalSegments(*out)
+        seg = self._segments.get(rank)
+        if seg is None:
+            out, offset = [], 0
+            for start, end in self.global_ranges(rank):
+                out.append((offset, offset + end - start))
+                offset += end - start
+            seg = self._segments[rank] = LocalSegments(*out)
+        return seg
 
     def anchor_share(self, rank: int) -> Range:
         """The slice of the anchor (global positions) whose keys this rank contributes to the exact query attention.
@@ -167,7 +173,7 @@ class ZigzagLayout:
         self._check_rank(rank)
         return (0, self.anchor_len) if rank == 0 else (self.anchor_len, self.anchor_len)
 
-    def key_share(self, rank: int) -> List[KeyRange]:
+    def key_share(self, rank: int) -> Tuple[KeyRange, ...]:
         """This rank's share of the keys: local ``(start, end, causal)`` ranges, adjacent ones joined.
 
         The query rows attend to it (exact attention by an LSE merge over the ranks: ``causal`` marks the query's
@@ -175,11 +181,14 @@ class ZigzagLayout:
         of the sequence is in exactly one share: every rank's two blocks, on rank 0 also the anchor (``anchor_share``)
         and the query (rank 0 holds the last block, so the query and the generated tokens continue its share).
         """
-        seg = self.local_segments(rank)
-        a0, a1 = self.anchor_share(rank)
-        share = [(a0 if a1 > a0 else seg.block1[0], seg.block2[1], False)]
-        if rank == 0 and self.query_len:
-            share.append((seg.query[0], seg.query[1], True))
+        share = self._key_shares.get(rank)
+        if share is None:
+            seg = self.local_segments(rank)
+            a0, a1 = self.anchor_share(rank)
+            share = ((a0 if a1 > a0 else seg.block1[0], seg.block2[1], False),)
+            if rank == 0 and self.query_len:
+                share += ((seg.query[0], seg.query[1], True),)
+            self._key_shares[rank] = share
         return share
 
     def passing_plan(self, rank: int, budget: Optional[int]) -> PassingPlan:
