@@ -58,8 +58,8 @@ _COLLECTIVE_HOOK: Optional[Callable] = None
 
 @contextlib.contextmanager
 def collective_hook(fn: Callable):
-    """Inside the block, every torch.distributed call of spava_ds is ``fn(op, *args, **kwargs)`` instead of
-    ``op(*args, **kwargs)``.
+    """Inside the block, every collective of this module (those of the attention modes, of decoding and of the
+    frame-parallel vision tower) is ``fn(op, *args, **kwargs)`` instead of ``op(*args, **kwargs)``.
 
     ``op`` is the torch.distributed function (``all_gather_into_tensor``, ``all_reduce``, ``reduce_scatter_tensor``,
     ``all_to_all_single``) and the arguments are the ones it would get (output tensor first, ``group=``,
@@ -155,7 +155,8 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, group: Optional[dist.Pr
     """
     out_dtype = out_dtype or out.dtype
     if world_size == 1:
-        return PendingMerge(None, out.shape[-1], out_dtype, done=(out.to(out_dtype), lse))
+        done = (out if out.dtype == out_dtype else out.to(out_dtype), lse)
+        return PendingMerge(None, out.shape[-1], out_dtype, done)
     out32 = out if out.dtype == torch.float32 else out.float()  # (a no-op .float() is still one dispatch)
     packed = torch.cat([out32, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
     return PendingMerge(all_gather_async(packed, group, world_size, async_op), out.shape[-1], out_dtype)
