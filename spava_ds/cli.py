@@ -35,6 +35,8 @@ import torch
 
 from . import comm, entry
 
+from .config import MODES
+
 log = logging.getLogger("spava_ds.infer")
 
 DEFAULT_QUESTION = "What is in this video?"
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="with --batch: keep the existing --output and answer only the records it does not answer")
     p.add_argument("--overwrite", action="store_true", help="with --batch: replace an existing --output")
-    p.add_argument("--mode", choices=["spava", "ring", "ulysses", "dense", "star", "apb"],
+    p.add_argument("--mode", choices=MODES,
                    help="attention mode (default: the config's, else spava)")
     p.add_argument("--anchor-len", type=int, help="override the anchor length rule")
     p.add_argument("--passing-len", type=int, help="override the passing budget rule")

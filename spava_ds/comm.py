@@ -1,14 +1,22 @@
-"""The few collectives Spava needs, and the process-group helpers."""
+"""The few collectives Spava needs, the exact merge of attention partials across ranks, and the process-group
+helpers.
+
+Every collective of this module goes through ``_run``, so that ``collective_hook`` can observe or replace
+them all (benchmarks time and count them, or run one rank without peers); unused, the hook costs one global read.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from . import kernels
 
 # How long a rank waits for the others in a collective (and at start-up) before it gives up: long enough for the
 # longest legitimate wait we know (a 7B checkpoint loading from a cold disk, rank 0 alone in a dense reference run),
@@ -45,15 +53,49 @@ def group_rank_size(group: Optional[dist.ProcessGroup] = None) -> Tuple[int, int
 def init_distributed(backend: Optional[str] = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Tuple[int, int]:
     """Initialise the default group from torchrun's / the deepspeed launcher's environment, with a timeout.
 
-    The backend defaults to NCCL when CUDA is available, gloo otherwise. Returns (rank, world size).
+    The backend defaults to NCCL when CUDA is available, gloo otherwise. Returns (rank, world size); a process
+    started without a launcher (no ``RANK`` in the environment) is rank 0 of 1 and initialises nothing.
     """
     if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            return 0, 1
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+# ---- the collective hook -----------------------------------------------------------------------------------------
+_COLLECTIVE_HOOK: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def collective_hook(fn: Callable):
+    """Inside the block, every collective of this module (those of the attention modes, of decoding and of the
+    frame-parallel vision tower) is ``fn(op, *args, **kwargs)`` instead of ``op(*args, **kwargs)``.
+
+    ``op`` is the torch.distributed function (``all_gather_into_tensor``, ``all_reduce``, ``reduce_scatter_tensor``,
+    ``all_to_all_single``) and the arguments are the ones it would get (output tensor first, ``group=``,
+    ``async_op=``). ``fn`` returns what ``op`` returns: a work handle (an object with ``wait()``) when
+    ``async_op=True``, else None. To observe, call ``op`` and wrap its handle (e.g. to time ``wait()``); to run a
+    rank without peers, return None without calling it (the outputs keep whatever they hold). The hook is
+    process-wide; nested hooks: the innermost wins.
+    """
+    global _COLLECTIVE_HOOK
+    previous, _COLLECTIVE_HOOK = _COLLECTIVE_HOOK, fn
+    try:
+        yield fn
+    finally:
+        _COLLECTIVE_HOOK = previous
+
+
+def _run(op, *args, **kwargs):
+    hook = _COLLECTIVE_HOOK
+    if hook is None:
+        return op(*args, **kwargs)
+    return hook(op, *args, **kwargs)
 
 
 # torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
@@ -80,7 +122,7 @@ def all_gather_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_
     if world_size == 1:
         return PendingGather(x.unsqueeze(0), None)
     out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
-    work = _all_gather_single(out, x, group=group, async_op=async_op)
+    work = _run(_all_gather_single, out, x, group=group, async_op=async_op)
     return PendingGather(out.view((world_size,) + tuple(x.shape)), work if async_op else None)
 
 
@@ -89,7 +131,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def all_reduce_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], world_size: int):
     """Sum ``x`` in place over the group; returns a handle whose ``wait()`` returns ``x``."""
-    work = dist.all_reduce(x, group=group, async_op=True) if world_size > 1 else None
+    work = _run(dist.all_reduce, x, group=group, async_op=True) if world_size > 1 else None
     return PendingGather(x, work)
 
 
@@ -98,9 +140,41 @@ def reduce_scatter_async(x: torch.Tensor, group: Optional[dist.ProcessGroup], wo
     if world_size == 1:
         return PendingGather(x[0], None)
     out = x.new_empty(x.shape[1:])
-    work = _reduce_scatter_single(out, x.reshape((-1,) + tuple(x.shape[2:])).contiguous(), group=group,
-                                  async_op=True)
+    work = _run(_reduce_scatter_single, out, x.reshape((-1,) + tuple(x.shape[2:])).contiguous(), group=group,
+                async_op=True)
     return PendingGather(out, work)
+
+
+class PendingMerge:
+    """Every rank's partial attention of the same rows in flight; ``wait()`` returns their exact LSE merge."""
+
+    def __init__(self, gathered: Optional[PendingGather], head_dim: int, out_dtype: torch.dtype, done=None):
+        self._gathered, self._head_dim, self._out_dtype, self._done = gathered, head_dim, out_dtype, done
+
+    def wait(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(out [b, s, H, d] in the requested dtype, lse [b, H, s] fp32)``, the same on every rank."""
+        if self._done is None:
+            parts, d = self._gathered.wait(), self._head_dim
+            out, lse = kernels.merge_stacked(parts[..., :d], parts[..., d], self._out_dtype)
+            self._done = out, lse.transpose(1, 2)
+        return self._done
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, group: Optional[dist.ProcessGroup], world_size: int,
+                   out_dtype: Optional[torch.dtype] = None, async_op: bool = True) -> PendingMerge:
+    """Start the exact merge of this rank's partial attention with the other ranks' partials of the same rows.
+
+    ``out [b, s, H, d]`` and ``lse [b, H, s]`` (as ``kernels.attend`` returns them) over this rank's keys; the ranks'
+    key sets must be disjoint. One all-gather moves ``[out | lse]`` as one fp32 tensor; ``wait()`` merges the W
+    partials in one pass. Used by the prefill's query rows and by every decoding step.
+    """
+    out_dtype = out_dtype or out.dtype
+    if world_size == 1:
+        done = (out if out.dtype == out_dtype else out.to(out_dtype), lse)
+        return PendingMerge(None, out.shape[-1], out_dtype, done)
+    out32 = out if out.dtype == torch.float32 else out.float()  # (a no-op .float() is still one dispatch)
+    packed = torch.cat([out32, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
+    return PendingMerge(all_gather_async(packed, group, world_size, async_op), out.shape[-1], out_dtype)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -110,14 +184,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty(sum(out_splits))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _run(dist.all_to_all_single, out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         grad_in = grad.new_empty(sum(in_splits))
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        _run(dist.all_to_all_single, grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
         return grad_in, None, None, None
 
 

@@ -97,6 +97,7 @@ class SpavaEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, config: Optional[SpavaConfig] = None, group=None,
                  settings: Optional[dict] = None, fused_vision: bool = True, simulate_world: Optional[int] = None):
         self.config = config if config is not None else SpavaConfig()
+        self.config.check_num_layers(len(text_decoder(model).layers))
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
         if simulate_world is not None and self.world != 1:

@@ -71,8 +71,6 @@ def init_distributed(args: argparse.Namespace, backend: Optional[str] = None):
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not 0 < timeout < math.inf:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {timeout}")
-    if "RANK" not in os.environ:
-        return 0, 1
     rank, world = comm.init_distributed(backend, datetime.timedelta(seconds=timeout) if timeout
                                         else comm.DEFAULT_TIMEOUT)
     _state.rank = rank

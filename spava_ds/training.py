@@ -76,6 +76,7 @@ class VideoQAModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        config.check_num_layers(len(text_decoder(model).layers))
         self.set_group(group)
 
     def set_group(self, group) -> None:
