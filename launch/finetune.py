@@ -4,7 +4,7 @@
         --model spava_ds/assets/tiny-qwen2.5-vl --train data/train.jsonl --eval data/test.jsonl --output runs/tiny
 
     # the 7B architecture with random weights on synthetic 128K-token samples, 4 GPUs, ZeRO-3
-    deepspeed --num_gpus 4 launch/finetune.py --deepspeed_config configs/train_zero3_bf16_sp4.json \\
+    deepspeed --num_gpus 4 launch/finetune.py --deepspeed_config configs/train_zero3_bf16.json \\
         --model-shape 7b --synthetic-tokens 131072 --max_steps 10 --output runs/7b --no_export \\
         --freeze-vision --checkpoint-layers --mlp-shards 16
 
@@ -128,6 +128,8 @@ def _ds_config(args, world: int, train_micro_steps: int):
     """
     with open(args.deepspeed_config, encoding="utf-8") as f:
         ds = json.load(f)
+    if ds.get("sequence_parallel_size") == "auto":  # one sequence over all processes
+        ds["sequence_parallel_size"] = world
     block = dict(ds.get("spava") or {})
     block.setdefault("mode", "ring")  # exact attention is the training default; "spava" trains the approximation
     ds["spava"] = block

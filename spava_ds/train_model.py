@@ -43,12 +43,13 @@ MODEL_SHAPES: Dict[str, dict] = {
     "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
                vision=dict(_VISION, out_hidden_size=3584), tokens=_TOKENS),
-    # Tests: every structural feature of the real shapes (GQA, M-RoPE sections, windowed and full vision layers).
-    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    # Tests: every structural feature of the real shapes (GQA, M-RoPE sections, windowed and full vision layers);
+    # 12 query and 6 KV heads split over 2 and 3 ranks for the head-parallel modes.
+    "tiny": dict(text=dict(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=12,
+                           num_key_value_heads=6, vocab_size=512, tie_word_embeddings=True),
                  vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                              spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                             out_hidden_size=64, hidden_act="silu"),
+                             out_hidden_size=192, hidden_act="silu"),
                  tokens=dict(bos_token_id=0, eos_token_id=2, vision_start_token_id=3, vision_end_token_id=4,
                              image_token_id=5, video_token_id=6)),
 }
@@ -145,7 +146,12 @@ def apply_memory_options(model: torch.nn.Module, options: MemoryOptions) -> None
 
 def enable_checkpointing(model: torch.nn.Module, offload: bool) -> None:
     """transformers' activation checkpointing (non-reentrant), offloading the checkpoints to pinned CPU memory if
-    asked; ``activation_checkpointing_enable`` from transformers 5.24, ``gradient_checkpointing_enable`` before."""
+    asked; ``activation_checkpointing_enable`` from transformers 5.24, ``gradient_checkpointing_enable`` before.
+
+    Without CUDA the offload is skipped: the checkpoints already are in host memory, and transformers' offload asks
+    for pinned memory, which needs an accelerator.
+    """
+    offload = offload and torch.cuda.is_available()
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
