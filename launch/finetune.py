@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
 from spava_ds.tasks import load_records  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, apply_memory_options, build_model,  # noqa: E402
-                                  trainable_parameters)
+                                  model_dtype, trainable_parameters)
 from spava_ds.training import (VideoQAModel, add_answer, exact_match, sp_group, synthetic_sample,  # noqa: E402
                                train_step, training_attn_implementation)
 
@@ -163,13 +163,6 @@ def _ds_config(args, world: int, train_micro_steps: int):
     return ds, spava_config, sp, dp, gas, total, micro_per_epoch
 
 
-def _model_dtype(ds: dict) -> torch.dtype:
-    """The dtype DeepSpeed trains in (the model is built in it: a 7B model is not made in fp32 first)."""
-    if (ds.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    return torch.float16 if (ds.get("fp16") or {}).get("enabled") else torch.float32
-
-
 def _torch_schedule(total: int, warmup: int):
     """Linear warmup to the peak, then cosine decay to 10% of it (used when the JSON has no "scheduler")."""
     def factor(step):
@@ -185,7 +178,7 @@ def setup_training(args, ds: dict, spava_config, total_steps: int, device: torch
     """``(engine, qa)``: the model built (checkpoint or shape), its memory options applied, under DeepSpeed."""
     import deepspeed
 
-    model, zero3_handle = build_model(args.model or args.model_shape, _model_dtype(ds), device,
+    model, zero3_handle = build_model(args.model or args.model_shape, model_dtype(ds), device,
                                       training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
     qa = VideoQAModel(model, spava_config, options=args.memory)

@@ -69,6 +69,13 @@ def shape_config(shape: str):
                             tie_word_embeddings=spec["text"]["tie_word_embeddings"], **spec["tokens"])
 
 
+def model_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains in by its JSON (build the model in it: a 7B model is not made in fp32 first)."""
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if (ds_config.get("fp16") or {}).get("enabled") else torch.float32
+
+
 def build_model(source: str, dtype: torch.dtype, device: torch.device, attn_implementation,
                 ds_config: Optional[dict] = None):
     """``(model, zero3_handle)``: a Qwen2.5-VL from a checkpoint directory or a ``MODEL_SHAPES`` name.
