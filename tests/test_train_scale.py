@@ -284,3 +284,34 @@ def test_bad_input_gets_clear_errors(checkpoint):
              "offload_checkpoints needs checkpoint_layers")):
         with pytest.raises(SystemExit):
             finetune.parse_args(["--deepspeed_config", "c.json", "--output", "o"] + argv)
+
+
+# ---- launch/check_train_parity.py: exact modes at W = 1 against transformers itself -----------------------------------
+def _parity(rank, world, argv):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import check_train_parity
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    return check_train_parity.main(argv)
+
+
+def test_parity_script_passes_on_the_cpu(tmp_path, capsys):
+    """fp32 on the CPU: ring and ulysses at W = 1 follow transformers' own training to 1e-4 over 4 steps."""
+    config = tmp_path / "fp32.json"
+    config.write_text(json.dumps(ZERO3))
+    out = tmp_path / "parity.jsonl"
+    assert run_distributed(_parity, 1, ["--shape", "tiny", "--tokens", str(TOKENS), "--grid", *map(str, GRID),
+                                        "--steps", "4", "--lr", "1e-3", "--floor", "1e-4", "--config", str(config),
+                                        "--out", str(out)], timeout=600) == [0]
+    with open(out, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    assert sorted({e["run"] for e in lines}) == ["eager", "ring", "transformers", "ulysses"] and len(lines) == 16
+    losses = [e["loss"] for e in lines if e["run"] == "transformers"]
+    assert len(set(losses)) == 4  # steps see different samples and weights
+
+
+@pytest.mark.gpu
+def test_parity_on_one_gpu_in_bf16(tmp_path):
+    """The GPU check at a small size (the full one: ``python launch/check_train_parity.py``, docs/finetune.md)."""
+    assert run_distributed(_parity, 1, ["--shape", "tiny", "--tokens", "4096", "--steps", "20", "--lr", "1e-4"],
+                           backend="nccl", timeout=600) == [0]
