@@ -5,9 +5,11 @@ Per optimizer step, for ``spava``, ``ring``, ``ulysses`` (spava_ds's modes on th
 DeepSpeed's contiguous sharding), with the same model, the same synthetic sample, the same DeepSpeed JSON (ZeRO-3 by
 default) and the same memory options, in one run:
 
-* ``step_s``: seconds per optimizer step (median of ``--steps`` after ``--warmup``; the device synchronised around
-  each), ``tokens_per_s_per_gpu`` = sample tokens / W / step_s, ``mfu`` = model FLOPs per rank / step_s / peak;
-* ``peak_gib``: peak allocated memory of the rank (weights, optimizer state, activations, the sample's pixels);
+* ``step_s``: seconds per optimizer step (median of ``--steps``, after one step at ``--warmup-tokens`` per mode and
+  ``--warmup`` at the length itself; the device synchronised around each), ``tokens_per_s_per_gpu`` = sample tokens / W / step_s, ``mfu`` = model FLOPs per rank / step_s / peak;
+* ``peak_gib``: peak allocated memory of the rank; ``resident_gib``: what stays allocated between steps (weights,
+  optimizer state, gradient partitions, the sample with its pixels, ``pixels_gib``); ``activations_gib``: the
+  difference, what one step adds at its peak;
 * ``breakdown`` (seconds per step, CUDA events around named steps, ``spava_ds.step_timer``): ``vision``,
   ``attention_forward``, ``attention_recompute`` (activation checkpointing), ``attention_backward``, ``loss``,
   ``optimizer``, and ``rest`` = forward + backward minus those: the linear layers with everything else of the
@@ -64,6 +66,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spava_ds import SpavaConfig  # noqa: E402
+from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
 from spava_ds.step_timer import StepTimer  # noqa: E402
 from spava_ds.train_model import MODEL_SHAPES, MemoryOptions, apply_memory_options, build_model  # noqa: E402
 from spava_ds.train_model import trainable_parameters  # noqa: E402
@@ -94,7 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, nargs=2, default=[26, 46], metavar=("H", "W"),
                    help="patches per frame of the synthetic video (26 x 46: 364 x 644 pixels)")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per measurement")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps at the measured length before them")
+    p.add_argument("--warmup-tokens", type=int, default=8192,
+                   help="one untimed step at this length per mode and process, before its first measurement "
+                        "(ZeRO-3 records its prefetch order in a first step; 0: none)")
+    p.add_argument("--fused-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="the vision tower's attention as one variable-length call per layer (spava_ds.integrations."
+                        "qwen_vision; on a CPU it stays transformers' per-window loop)")
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler: kernel classes")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--out", default=None, help="JSON lines, appended as measured; a rerun skips what is there")
@@ -229,6 +238,8 @@ def setup(args, source: str, device: torch.device):
     ds, spava = load_config(args.config)
     model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
+    if args.fused_vision:
+        enable_fused_vision_attention(model)
     qa = VideoQAModel(model, spava, options=args.memory)
     engine, *_ = deepspeed.initialize(model=qa, model_parameters=trainable_parameters(qa), config=ds)
     del zero3_handle
@@ -250,12 +261,16 @@ def _slowest(values: List[float], device: torch.device) -> List[float]:
 
 
 def time_steps(engine, qa, sample: dict, row: Row, args, device):
-    """``(seconds per timed step, phase seconds per timed step, peak bytes)`` after the warm-up steps."""
+    """``(seconds per timed step, phase seconds per timed step, resident bytes, peak bytes)`` after the warm-up
+    steps; resident: what stays allocated between steps (weights, optimizer state, gradient partitions, the
+    sample)."""
     warmup, steps = (0, 1) if row.frontier else (args.warmup, args.steps)
     for _ in range(warmup):
         train_step(engine, sample, row.world)
+    resident = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
     timer = StepTimer(device)
     qa.set_timer(timer)
     seconds, phases = [], []
@@ -271,7 +286,7 @@ def time_steps(engine, qa, sample: dict, row: Row, args, device):
     finally:
         qa.set_timer(None)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return seconds, phases, peak
+    return seconds, phases, resident, peak
 
 
 def breakdown(phases: List[Dict[str, float]]) -> Dict[str, float]:
@@ -348,8 +363,8 @@ def profile_step(engine, sample: dict, row: Row, device: torch.device) -> Dict[s
 def measure(engine, qa, sample: dict, row: Row, args, rank: int, device: torch.device) -> dict:
     """One row: time, throughput, MFU, memory and the breakdown of the steps."""
     layout = qa.layout(sample)  # a bad length fails here, on every rank, before any collective
-    seconds, phases, peak = time_steps(engine, qa, sample, row, args, device)
-    *seconds, peak = _slowest(seconds + [float(peak)], device)
+    seconds, phases, resident, peak = time_steps(engine, qa, sample, row, args, device)
+    *seconds, resident, peak = _slowest(seconds + [float(resident), float(peak)], device)
     step = statistics.median(seconds)
     flops = model_flops(qa.model.config, sample, train_vision=not args.memory.freeze_vision)
     peak_rate = peak_tflops(args, device)
@@ -357,6 +372,8 @@ def measure(engine, qa, sample: dict, row: Row, args, rank: int, device: torch.d
     return dict(status="ok", local_tokens=layout.local_len(rank), step_s=step, step_s_all=seconds,
                 tokens_per_s_per_gpu=row.tokens / row.world / step, tflops_per_gpu=per_rank / step / 1e12,
                 mfu=per_rank / step / (peak_rate * 1e12) if peak_rate else None, peak_gib=peak / 2 ** 30,
+                resident_gib=resident / 2 ** 30, activations_gib=(peak - resident) / 2 ** 30,
+                pixels_gib=sample["pixel_values_videos"].nbytes / 2 ** 30,
                 breakdown=breakdown(phases), flops=flops,
                 kernels=profile_step(engine, sample, row, device) if args.profile else None)
 
@@ -381,17 +398,25 @@ def run_rows(args, rows: List[Row], rank: int, device: torch.device) -> None:
     process (under torchrun the launcher stops the other ranks; a rerun goes on with the next row)."""
     results = Results(args.out)
     samples: Dict[int, dict] = {}
+
+    def sample(tokens: int) -> dict:
+        if tokens not in samples:
+            samples.clear()  # one sample at a time: a long video's pixels are large
+            samples[tokens] = synthetic_sample(qa.model, tokens, tuple(args.grid), device=device,
+                                               dtype=next(qa.model.parameters()).dtype)
+        return samples[tokens]
+
     for source in dict.fromkeys(r.source for r in rows):
         engine, qa = setup(args, source, device)
+        warmed = set()
         for row in (r for r in rows if r.source == source):
             entry = describe(row, args, rank, device)
             try:
-                if row.tokens not in samples:
-                    samples.clear()  # one sample at a time: a long video's pixels are large
-                    samples[row.tokens] = synthetic_sample(qa.model, row.tokens, tuple(args.grid), device=device,
-                                                           dtype=next(qa.model.parameters()).dtype)
                 qa.set_mode(row.mode)
-                entry.update(measure(engine, qa, samples[row.tokens], row, args, rank, device))
+                if args.warmup_tokens and row.mode not in warmed:
+                    train_step(engine, sample(args.warmup_tokens), row.world)
+                    warmed.add(row.mode)
+                entry.update(measure(engine, qa, sample(row.tokens), row, args, rank, device))
             except torch.cuda.OutOfMemoryError as e:
                 results.append(dict(entry, status="oom", error=str(e).splitlines()[0]))
                 print(f"{row}: out of memory", flush=True)
@@ -450,15 +475,16 @@ def print_tables(paths: List[str]) -> None:
     """Markdown: every step measurement, spava's speed-up per case, and the frontier per mode."""
     rows = [r for p in paths for r in Results(p).rows.values()]
     steps = [r for r in rows if not r["frontier"]]
-    print("| card | date | model | ranks | mode | tokens | local | s/step | tok/s/GPU | MFU % | peak GiB | "
-          + " | ".join(PHASES) + " | status |")
-    print("|" + "---|" * (12 + len(PHASES)))
+    print("| card | date | model | ranks | mode | tokens | local | s/step | tok/s/GPU | MFU % | peak GiB | resident GiB"
+          " | " + " | ".join(PHASES) + " | status |")
+    print("|" + "---|" * (13 + len(PHASES)))
     for r in sorted(steps, key=lambda r: (r["card"], r["source"], r["world"], r["tokens"], r["mode"])):
         b = r.get("breakdown") or {}
         mfu = r.get("mfu")
         print(f"| {r['card']} | {r['date']} | {r['source']} | {_where(r)} | {r['mode']} | {r['tokens']} | "
               f"{r.get('local_tokens', '-')} | {_fmt(r.get('step_s'), '.3f')} | {_fmt(r.get('tokens_per_s_per_gpu'), '.0f')}"
               f" | {_fmt(100 * mfu if mfu is not None else None, '.1f')} | {_fmt(r.get('peak_gib'), '.1f')} | "
+              f"{_fmt(r.get('resident_gib'), '.1f')} | "
               + " | ".join(_fmt(b.get(k), ".3f") for k in PHASES) + f" | {r['status']} |")
     print_speedups(steps)
     print_frontier([r for r in rows if r["frontier"]])

@@ -34,6 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
+from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
 from spava_ds.tasks import load_records  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, apply_memory_options, build_model,  # noqa: E402
                                   model_dtype, trainable_parameters)
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader processes that decode and preprocess the next videos while the GPU trains "
                         "(0: in the training process)")
+    p.add_argument("--fused-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="the vision tower's attention as one variable-length call per layer on CUDA "
+                        "(spava_ds.integrations.qwen_vision; a CPU keeps transformers' per-window loop)")
     memory = p.add_argument_group("memory (docs/finetune.md, 'Memory options')")
     memory.add_argument("--freeze-vision", action="store_true",
                         help="no gradient, no optimizer state for the vision tower; it runs under no_grad")
@@ -181,6 +185,8 @@ def setup_training(args, ds: dict, spava_config, total_steps: int, device: torch
     model, zero3_handle = build_model(args.model or args.model_shape, model_dtype(ds), device,
                                       training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
+    if args.fused_vision:
+        enable_fused_vision_attention(model)
     qa = VideoQAModel(model, spava_config, options=args.memory)
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(trainable_parameters(qa), lr=args.lr,
                                                                   weight_decay=0.0)
