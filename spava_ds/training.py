@@ -257,7 +257,15 @@ class VideoQAModel(torch.nn.Module):
 
     def layout(self, sample: Dict) -> ZigzagLayout:
         """The zigzag layout of the sample, or for ``DEEPSPEED_ULYSSES`` DeepSpeed's contiguous split: the
-        contiguous variant of ``ZigzagLayout`` (the star/apb baselines' plan) with no anchor and no query block."""
+        contiguous variant of ``ZigzagLayout`` (the star/apb baselines' plan) with no anchor and no query block.
+        Lengths and head counts a mode cannot take are errors here, on every rank, before any collective."""
+        if self.mode in ("ulysses", DEEPSPEED_ULYSSES):
+            text = self.model.config.text_config
+            heads, kv = text.num_attention_heads, text.num_key_value_heads
+            if heads % self.world or (kv % self.world and self.world % kv):
+                raise ValueError(f"{self.mode}: {heads} query and {kv} KV heads do not split over {self.world} "
+                                 "ranks (head parallelism needs W to divide the query heads, and the KV heads to "
+                                 "divide or be divided by W)")
         if self.mode != DEEPSPEED_ULYSSES:
             return ZigzagLayout(sample["context_len"], sample["query_len"], self.world, self.config)
         total = sample["context_len"] + sample["query_len"]

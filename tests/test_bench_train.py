@@ -114,6 +114,14 @@ def test_frontier_stops_at_the_first_length_that_does_not_fit(tmp_path, capsys):
     bench.print_tables([out])
     printed = capsys.readouterr().out
     assert "| H200 | 7b | 1 of 4 (fake) | spava | 2000 | 102.0 | 4000 |" in printed
+    # the plot's series (launch/plot_bench_train.py): memory per mode, and where it stopped fitting
+    spec = importlib.util.spec_from_file_location("plot_bench_train", os.path.join(ROOT, "launch",
+                                                                                   "plot_bench_train.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    panel = plot.load_series([out])[("H200", "7b", "1 of 4 (fake)")]
+    assert panel == {"time": {}, "memory": {"spava": [(1000, 101.0), (2000, 102.0)], "ring": [(1000, 101.0)]},
+                     "oom": {"spava": 4000}}
 
 
 def test_model_flops_equal_a_count_from_the_modules():

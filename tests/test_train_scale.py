@@ -269,9 +269,14 @@ def test_bad_input_gets_clear_errors(checkpoint):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=7)
-    try:  # the layout is checked before any collective: a group of 7 that moves nothing shows the error
+    try:  # the layout is checked before any collective: a group that moves nothing shows the errors
         qa.set_group(None)
-        with pytest.raises(ValueError, match="302 tokens do not split over 7 ranks"):
+        with pytest.raises(ValueError, match="12 query and 6 KV heads do not split over 7 ranks"):
+            qa.layout({"context_len": 250, "query_len": 52})
+        torch.distributed.destroy_process_group()
+        torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+        qa.set_group(None)
+        with pytest.raises(ValueError, match="302 tokens do not split over 3 ranks"):
             qa.layout({"context_len": 250, "query_len": 52})
     finally:
         torch.distributed.destroy_process_group()
