@@ -6,7 +6,8 @@ DeepSpeed's contiguous sharding), with the same model, the same synthetic sample
 default) and the same memory options, in one run:
 
 * ``step_s``: seconds per optimizer step (median of ``--steps``, after one step at ``--warmup-tokens`` per mode and
-  ``--warmup`` at the length itself; the device synchronised around each), ``tokens_per_s_per_gpu`` = sample tokens / W / step_s, ``mfu`` = model FLOPs per rank / step_s / peak;
+  ``--warmup`` at the length itself; the device synchronised around each), ``tokens_per_s_per_gpu`` = sample
+  tokens / W / step_s, ``mfu`` = model FLOPs per rank / step_s / peak;
 * ``peak_gib``: peak allocated memory of the rank; ``resident_gib``: what stays allocated between steps (weights,
   optimizer state, gradient partitions, the sample with its pixels, ``pixels_gib``); ``activations_gib``: the
   difference, what one step adds at its peak;
@@ -52,7 +53,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -65,11 +65,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spava_ds import SpavaConfig  # noqa: E402
 from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
 from spava_ds.step_timer import StepTimer  # noqa: E402
-from spava_ds.train_model import MODEL_SHAPES, MemoryOptions, apply_memory_options, build_model  # noqa: E402
-from spava_ds.train_model import trainable_parameters  # noqa: E402
+from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
+                                  apply_memory_options, build_model, measurement_config, memory_options,
+                                  trainable_parameters)
 from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step  # noqa: E402
 from spava_ds.training import training_attn_implementation  # noqa: E402
 
@@ -101,28 +101,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=8192,
                    help="one untimed step at this length per mode and process, before its first measurement "
                         "(ZeRO-3 records its prefetch order in a first step; 0: none)")
-    p.add_argument("--fused-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="the vision tower's attention as one variable-length call per layer (spava_ds.integrations."
-                        "qwen_vision; on a CPU it stays transformers' per-window loop)")
     p.add_argument("--profile", action="store_true", help="one more step under torch.profiler: kernel classes")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--out", default=None, help="JSON lines, appended as measured; a rerun skips what is there")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL", help="print the tables of these files")
     p.add_argument("--rows", default=None, help=argparse.SUPPRESS)  # a child's share of the measurements
-    memory = p.add_argument_group("memory options (the same for every mode)")
-    memory.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True)
-    memory.add_argument("--checkpoint-layers", action=argparse.BooleanOptionalAction, default=True)
-    memory.add_argument("--offload-checkpoints", action=argparse.BooleanOptionalAction, default=False)
-    memory.add_argument("--mlp-shards", type=int, default=16)
-    memory.add_argument("--loss-tile", type=int, default=4096)
+    # the same for every mode; long-sample defaults
+    add_memory_arguments(p, MemoryOptions(freeze_vision=True, checkpoint_layers=True, mlp_shards=16))
     args = p.parse_args(argv)
     if args.table is None and args.out is None:
         p.error("--out is required (or --table to print results)")
-    try:
-        args.memory = MemoryOptions(args.freeze_vision, args.checkpoint_layers, args.offload_checkpoints,
-                                    args.mlp_shards, args.loss_tile)
-    except ValueError as e:
-        p.error(str(e))
+    args.memory = memory_options(args, p)
     return args
 
 
@@ -218,24 +207,13 @@ def join_world(args, world: Optional[int]):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def load_config(path: str):
-    """``(DeepSpeed dict, SpavaConfig)``: one micro batch, no schedule; the spava block sets all but the mode."""
-    with open(path, encoding="utf-8") as f:
-        ds = json.load(f)
-    spava = SpavaConfig.from_dict(ds.pop("spava", None))
-    for key in ("sequence_parallel_size", "data_parallel_size", "scheduler", "train_batch_size"):
-        ds.pop(key, None)
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    return ds, spava
-
-
 def setup(args, source: str, device: torch.device):
     """``(engine, qa)``: the model under DeepSpeed, every rank of the world one sequence-parallel group."""
     import deepspeed
 
     from spava_ds.train_model import model_dtype
 
-    ds, spava = load_config(args.config)
+    ds, spava = measurement_config(args.config)
     model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
     if args.fused_vision:
@@ -417,12 +395,14 @@ def run_rows(args, rows: List[Row], rank: int, device: torch.device) -> None:
                     train_step(engine, sample(args.warmup_tokens), row.world)
                     warmed.add(row.mode)
                 entry.update(measure(engine, qa, sample(row.tokens), row, args, rank, device))
-            except torch.cuda.OutOfMemoryError as e:
+            except ValueError as e:  # a length or head count the mode cannot take: raised before any collective
+                entry.update(status="error", error=str(e))
+            except RuntimeError as e:
+                if not out_of_memory(e):
+                    raise
                 results.append(dict(entry, status="oom", error=str(e).splitlines()[0]))
                 print(f"{row}: out of memory", flush=True)
                 os._exit(OOM_EXIT)  # the only sure way to give all of it back
-            except ValueError as e:  # a length or head count the mode cannot take: raised before any collective
-                entry.update(status="error", error=str(e))
             if rank == 0:
                 results.append(entry)
                 print(summary_line(entry), flush=True)
@@ -450,6 +430,12 @@ def run_one_rank(args, argv: List[str]) -> int:
                 break
     print_tables([args.out])
     return 0
+
+
+def out_of_memory(error: RuntimeError) -> bool:
+    """A CUDA OOM, also as cuBLAS or cuDNN report a failed workspace allocation."""
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 def summary_line(r: dict) -> str:
@@ -482,7 +468,8 @@ def print_tables(paths: List[str]) -> None:
         b = r.get("breakdown") or {}
         mfu = r.get("mfu")
         print(f"| {r['card']} | {r['date']} | {r['source']} | {_where(r)} | {r['mode']} | {r['tokens']} | "
-              f"{r.get('local_tokens', '-')} | {_fmt(r.get('step_s'), '.3f')} | {_fmt(r.get('tokens_per_s_per_gpu'), '.0f')}"
+              f"{r.get('local_tokens', '-')} | {_fmt(r.get('step_s'), '.3f')} | "
+              f"{_fmt(r.get('tokens_per_s_per_gpu'), '.0f')}"
               f" | {_fmt(100 * mfu if mfu is not None else None, '.1f')} | {_fmt(r.get('peak_gib'), '.1f')} | "
               f"{_fmt(r.get('resident_gib'), '.1f')} | "
               + " | ".join(_fmt(b.get(k), ".3f") for k in PHASES) + f" | {r['status']} |")

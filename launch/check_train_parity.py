@@ -31,7 +31,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spava_ds import SpavaConfig, comm  # noqa: E402
-from spava_ds.train_model import MODEL_SHAPES, build_model, model_dtype, trainable_parameters  # noqa: E402
+from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,  # noqa: E402
+                                  trainable_parameters)
 from spava_ds.training import VideoQAModel, synthetic_sample, train_step, training_attn_implementation  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,21 +73,12 @@ class TransformersLoss(torch.nn.Module):
         return out.loss
 
 
-def load_config(args) -> dict:
-    with open(args.config, encoding="utf-8") as f:
-        ds = json.load(f)
-    for key in ("spava", "sequence_parallel_size", "data_parallel_size", "scheduler", "train_batch_size"):
-        ds.pop(key, None)
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    ds["optimizer"]["params"]["lr"] = args.lr
-    return ds
-
-
 def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
     """Loss and gradient norm of every step of one run."""
     import deepspeed
 
-    ds = load_config(args)
+    ds, _ = measurement_config(args.config)
+    ds["optimizer"]["params"]["lr"] = args.lr
     attn = {"transformers": "sdpa", "eager": {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}}
     torch.manual_seed(args.seed)  # the same initial weights in every run
     model, handle = build_model(args.shape, model_dtype(ds), device, attn.get(run) or training_attn_implementation(),

@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
 from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
 from spava_ds.tasks import load_records  # noqa: E402
-from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, apply_memory_options, build_model,  # noqa: E402
-                                  model_dtype, trainable_parameters)
+from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
+                                  apply_memory_options, build_model, memory_options, model_dtype,
+                                  trainable_parameters)
 from spava_ds.training import (VideoQAModel, add_answer, exact_match, sp_group, synthetic_sample,  # noqa: E402
                                train_step, training_attn_implementation)
 
@@ -82,20 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader processes that decode and preprocess the next videos while the GPU trains "
                         "(0: in the training process)")
-    p.add_argument("--fused-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="the vision tower's attention as one variable-length call per layer on CUDA "
-                        "(spava_ds.integrations.qwen_vision; a CPU keeps transformers' per-window loop)")
-    memory = p.add_argument_group("memory (docs/finetune.md, 'Memory options')")
-    memory.add_argument("--freeze-vision", action="store_true",
-                        help="no gradient, no optimizer state for the vision tower; it runs under no_grad")
-    memory.add_argument("--checkpoint-layers", action="store_true",
-                        help="activation checkpointing of the decoder (and trained vision) layers")
-    memory.add_argument("--offload-checkpoints", action="store_true",
-                        help="keep the checkpointed layer inputs in pinned CPU memory (with --checkpoint-layers)")
-    memory.add_argument("--mlp-shards", type=int, default=0,
-                        help="compute each MLP in this many pieces along the sequence (DeepSpeed's TiledMLP; 0: off)")
-    memory.add_argument("--loss-tile", type=int, default=4096,
-                        help="labelled tokens per piece of the vocabulary projection and loss")
+    add_memory_arguments(p, MemoryOptions())
     args = p.parse_args(argv)
     if args.model_shape and args.eval:
         p.error("--eval needs a tokenizer: give --model DIR (a checkpoint), not --model-shape")
@@ -103,11 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--synthetic-tokens needs --max_steps (synthetic data has no epochs)")
     if args.model_shape and args.train:
         p.error("--model-shape has no tokenizer to read --train records: use --synthetic-tokens or --model DIR")
-    try:
-        args.memory = MemoryOptions(args.freeze_vision, args.checkpoint_layers, args.offload_checkpoints,
-                                    args.mlp_shards, args.loss_tile)
-    except ValueError as e:
-        p.error(str(e))
+    args.memory = memory_options(args, p)
     return args
 
 
@@ -157,8 +141,8 @@ def _ds_config(args, world: int, train_micro_steps: int):
     gas = ds.get("gradient_accumulation_steps", 1)
     micro_per_epoch = train_micro_steps // dp
     if train_micro_steps and micro_per_epoch < gas:
-        raise ValueError(f"{args.train}: {train_micro_steps} records give {micro_per_epoch} sequences per data-parallel "
-                         f"group, fewer than gradient_accumulation_steps={gas}")
+        raise ValueError(f"{args.train}: {train_micro_steps} records give {micro_per_epoch} sequences per "
+                         f"data-parallel group, fewer than gradient_accumulation_steps={gas}")
     total = args.max_steps or max(1, math.floor(args.epochs * micro_per_epoch / gas))
     params = (ds.get("scheduler") or {}).get("params", {})
     for key, value in (("total_num_steps", total), ("warmup_num_steps", max(1, round(args.warmup_ratio * total)))):
@@ -358,8 +342,13 @@ def sample_maker(run: Run, qa: VideoQAModel, infer):
     order; synthetic samples are seeded by the step and the group."""
     args = run.args
     if args.synthetic_tokens is not None:
+        # Made on the training device in its dtype unless DataLoader workers make them (a CUDA context does not
+        # survive their fork): a long video's random pixels take seconds on a CPU.
+        param = next(qa.model.parameters())
+        device, dtype = (param.device, param.dtype) if args.num_workers == 0 else (torch.device("cpu"), torch.float32)
         return lambda m: synthetic_sample(qa.model, args.synthetic_tokens, tuple(args.synthetic_grid),
-                                          seed=(args.seed * 1_000_003 + m) * run.dp + run.dp_rank)
+                                          seed=(args.seed * 1_000_003 + m) * run.dp + run.dp_rank, device=device,
+                                          dtype=dtype)
 
     def make(m: int) -> dict:
         epoch, within = divmod(m, run.micro_per_epoch)

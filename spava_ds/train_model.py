@@ -22,6 +22,7 @@ offload itself is the same idea (the layer inputs wait in host memory until the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 from typing import Dict, Optional
@@ -67,6 +68,23 @@ def shape_config(shape: str):
                 bos_token_id=spec["tokens"]["bos_token_id"], eos_token_id=spec["tokens"]["eos_token_id"])
     return Qwen2_5_VLConfig(text_config=text, vision_config=dict(spec["vision"]),
                             tie_word_embeddings=spec["text"]["tie_word_embeddings"], **spec["tokens"])
+
+
+def measurement_config(path: str):
+    """``(DeepSpeed dict, SpavaConfig)`` of a JSON for measurements (benchmarks, checks): one sample per optimizer
+    step, no schedule, the ``"spava"`` block read off (it sets everything but the mode) and the sequence-parallel
+    sizes removed (the caller makes every rank one sequence-parallel group)."""
+    import json
+
+    from .config import SpavaConfig
+
+    with open(path, encoding="utf-8") as f:
+        ds = json.load(f)
+    spava = SpavaConfig.from_dict(ds.pop("spava", None))
+    for key in ("sequence_parallel_size", "data_parallel_size", "scheduler", "train_batch_size"):
+        ds.pop(key, None)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    return ds, spava
 
 
 def model_dtype(ds_config: dict) -> torch.dtype:
@@ -135,6 +153,38 @@ class MemoryOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "mlp_shards" else 1):
                 raise ValueError(f"MemoryOptions.{name} must be an int >= {0 if name == 'mlp_shards' else 1}, "
                                  f"got {value!r}")
+
+
+def add_memory_arguments(parser, defaults: MemoryOptions) -> None:
+    """The command-line flags of ``MemoryOptions`` (and ``--fused-vision``), with these defaults; read them back
+    with ``memory_options(args)``."""
+    flag = argparse.BooleanOptionalAction
+    group = parser.add_argument_group("memory options (docs/finetune.md, 'Memory options')")
+    group.add_argument("--freeze-vision", action=flag, default=defaults.freeze_vision,
+                       help="no gradient, no optimizer state for the vision tower; it runs under no_grad")
+    group.add_argument("--checkpoint-layers", action=flag, default=defaults.checkpoint_layers,
+                       help="activation checkpointing of the decoder (and trained vision) layers")
+    group.add_argument("--offload-checkpoints", action=flag, default=defaults.offload_checkpoints,
+                       help="keep the checkpointed layer inputs in pinned CPU memory (with --checkpoint-layers)")
+    group.add_argument("--mlp-shards", type=int, default=defaults.mlp_shards,
+                       help="compute each MLP in this many pieces along the sequence (DeepSpeed's TiledMLP; 0: off)")
+    group.add_argument("--loss-tile", type=int, default=defaults.loss_tile,
+                       help="labelled tokens per piece of the vocabulary projection and loss")
+    group.add_argument("--fused-vision", action=flag, default=True,
+                       help="the vision tower's attention as one variable-length call per layer (spava_ds."
+                            "integrations.qwen_vision; a CPU keeps transformers' per-window loop)")
+
+
+def memory_options(args, parser=None) -> MemoryOptions:
+    """``MemoryOptions`` of the flags of ``add_memory_arguments``; a bad combination is ``parser.error`` (or a
+    ValueError without a parser)."""
+    try:
+        return MemoryOptions(args.freeze_vision, args.checkpoint_layers, args.offload_checkpoints, args.mlp_shards,
+                             args.loss_tile)
+    except ValueError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
 
 
 def apply_memory_options(model: torch.nn.Module, options: MemoryOptions) -> None:

@@ -79,8 +79,8 @@ def add_answer(engine, inputs: Dict, answer: str) -> Dict:
     positions = inputs["position_ids"]
     extra = (positions.max() + 1 + torch.arange(n)).to(positions.dtype)
     extra = extra.view(*([1] * (positions.dim() - 1)), n).expand(*positions.shape[:-1], n)
-    return dict(inputs, input_ids=ids, position_ids=torch.cat([positions, extra], dim=-1), labels=_answer_labels(ids, n),
-                query_len=inputs["query_len"] + n, answer=answer.strip())
+    return dict(inputs, input_ids=ids, position_ids=torch.cat([positions, extra], dim=-1),
+                labels=_answer_labels(ids, n), query_len=inputs["query_len"] + n, answer=answer.strip())
 
 
 def _answer_labels(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -111,7 +111,10 @@ def synthetic_sample(model, tokens: int, grid_hw=(26, 46), question_len: int = 3
                          f"and {text} text tokens")
     n_video = steps * per_step
     gen = torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(16, min(cfg.text_config.vocab_size, 151643), (n,), generator=gen)  # noqa: E731
+
+    def words(n: int) -> torch.Tensor:  # ordinary text tokens: below the special tokens (151643 on, in Qwen's)
+        return torch.randint(16, min(cfg.text_config.vocab_size, 151643), (n,), generator=gen)
+
     ids = torch.cat([words(tokens - n_video - 2 - question_len - answer_len), torch.tensor([cfg.vision_start_token_id]),
                      torch.full((n_video,), cfg.video_token_id), torch.tensor([cfg.vision_end_token_id]),
                      words(question_len + answer_len)])[None]

@@ -162,3 +162,10 @@ def test_kernel_classes_by_name():
                        ("nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT", "gemm"),
                        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>", "other")):
         assert bench.kernel_class(name) == kind, name
+
+
+def test_out_of_memory_is_recognised_in_its_forms():
+    bench = _script()
+    assert bench.out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert bench.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not bench.out_of_memory(RuntimeError("shape mismatch"))

@@ -291,7 +291,7 @@ def test_bad_input_gets_clear_errors(checkpoint):
             finetune.parse_args(["--deepspeed_config", "c.json", "--output", "o"] + argv)
 
 
-# ---- launch/check_train_parity.py: exact modes at W = 1 against transformers itself -----------------------------------
+# ---- launch/check_train_parity.py: exact modes at W = 1 against transformers itself ---------------------------------
 def _parity(rank, world, argv):
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import check_train_parity
