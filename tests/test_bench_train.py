@@ -169,3 +169,21 @@ def test_out_of_memory_is_recognised_in_its_forms():
     assert bench.out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert bench.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not bench.out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.gpu
+def test_one_rank_mode_on_a_gpu(tmp_path):
+    """The GPU path before the long runs: the fake group with CUDA tensors under DeepSpeed ZeRO-3 (bf16, the
+    shipped config), every mode, the profiled kernel classes, and a two-step frontier."""
+    bench = _script()
+    out = str(tmp_path / "gpu.jsonl")
+    assert bench.main(["--one-rank", "--world", "2", "--shape", "tiny", "--tokens", "8192", "--frontier", "16384",
+                       "--frontier-max", "32768", "--profile", "--out", out]) == 0
+    rows = _lines(out)
+    steps = [r for r in rows if not r["frontier"]]
+    assert sorted(r["mode"] for r in steps) == sorted(bench.MODES)
+    for r in steps:
+        assert r["status"] == "ok" and r["peak_gib"] > r["resident_gib"] > 0 and r["mfu"] > 0, r
+        assert r["kernels"].get("gemm", 0) > 0 and r["kernels"].get("attention", 0) > 0, r["kernels"]
+    assert {(r["mode"], r["tokens"]) for r in rows if r["frontier"]} == {(m, n) for m in bench.MODES
+                                                                        for n in (16384, 32768)}
