@@ -381,7 +381,7 @@ def run_rows(args, rows: List[Row], rank: int, device: torch.device) -> None:
         if tokens not in samples:
             samples.clear()  # one sample at a time: a long video's pixels are large
             samples[tokens] = synthetic_sample(qa.model, tokens, tuple(args.grid), device=device,
-                                               dtype=next(qa.model.parameters()).dtype)
+                                               dtype=next(qa.model.parameters()).dtype, rank=qa.rank, world=qa.world)
         return samples[tokens]
 
     for source in dict.fromkeys(r.source for r in rows):

@@ -348,7 +348,7 @@ def sample_maker(run: Run, qa: VideoQAModel, infer):
         device, dtype = (param.device, param.dtype) if args.num_workers == 0 else (torch.device("cpu"), torch.float32)
         return lambda m: synthetic_sample(qa.model, args.synthetic_tokens, tuple(args.synthetic_grid),
                                           seed=(args.seed * 1_000_003 + m) * run.dp + run.dp_rank, device=device,
-                                          dtype=dtype)
+                                          dtype=dtype, rank=qa.rank, world=qa.world)
 
     def make(m: int) -> dict:
         epoch, within = divmod(m, run.micro_per_epoch)

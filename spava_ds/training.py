@@ -44,6 +44,7 @@ from .attention import sp_attention
 from .config import SpavaConfig
 from .integrations.transformers import spava_attention_forward, text_decoder
 from .layout import ZigzagLayout
+from .integrations.qwen_vision import temporal_range
 from .step_timer import StepTimer
 from .train_model import MemoryOptions
 
@@ -91,11 +92,14 @@ def _answer_labels(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def synthetic_sample(model, tokens: int, grid_hw=(26, 46), question_len: int = 32, answer_len: int = 16,
-                     seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> Dict:
+                     seed: int = 0, device=None, dtype: torch.dtype = torch.float32, rank: int = 0,
+                     world: int = 1) -> Dict:
     """A sample of exactly ``tokens`` tokens for measurements: random pixels of a video whose frames are ``grid_hw``
     patches (default 26 x 46: 364 x 644 pixels, 299 tokens per 2 frames), random text around it, labels on the last
     ``answer_len`` tokens, and the model's own M-RoPE positions. The pixels are made on ``device`` in ``dtype`` (a
-    long video's pixels are the largest input: 9.4 GB in bf16 at 1M tokens)."""
+    long video's pixels are the largest input: 9.4 GB in bf16 at 1M tokens), and only those of the temporal steps
+    that rank ``rank`` of ``world`` encodes (``video_steps``), as a sample read from a video file holds them. Each
+    step's pixels come from their own seed, so every world size sees the same video."""
     cfg = model.config
     vision = cfg.vision_config
     h, w = grid_hw
@@ -118,14 +122,17 @@ def synthetic_sample(model, tokens: int, grid_hw=(26, 46), question_len: int = 3
                      torch.full((n_video,), cfg.video_token_id), torch.tensor([cfg.vision_end_token_id]),
                      words(question_len + answer_len)])[None]
     grid = torch.tensor([[steps, h, w]])
-    pixel_gen = torch.Generator(device=device).manual_seed(seed)
-    pixels = torch.randn(steps * h * w, vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
-                         generator=pixel_gen, device=device, dtype=dtype)
+    first, stop = temporal_range(steps, rank, world)
+    pixel_gen = torch.Generator(device=device)
+    row = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    pixels = torch.cat([torch.randn(h * w, row, generator=pixel_gen.manual_seed(seed * 1_000_003 + t), device=device,
+                                    dtype=dtype) for t in range(first, stop)])
     positions, _ = model.model.get_rope_index(ids, (ids == cfg.video_token_id).int() * 2, video_grid_thw=grid,
                                               second_per_grid_ts=torch.tensor([1.0]))
     return dict(input_ids=ids, position_ids=positions, labels=_answer_labels(ids, answer_len),
                 context_len=tokens - question_len - answer_len, query_len=question_len + answer_len,
-                pixel_values_videos=pixels, video_grid_thw=grid, frames=steps * vision.temporal_patch_size)
+                pixel_values_videos=pixels, video_grid_thw=grid, video_steps=(first, stop),
+                frames=steps * vision.temporal_patch_size)
 
 
 # ---- attention ------------------------------------------------------------------------------------------------------
