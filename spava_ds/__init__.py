@@ -1,8 +1,8 @@
 """spava_ds: Spava sequence-parallel approximate attention for long-video multimodal models."""
 
-from .attention import sp_attention, spava_attention, ulysses_attention
+from .attention import mesh_attention, sp_attention, spava_attention, ulysses_attention
 from .config import BACKENDS, MODES, SpavaConfig, default_anchor_len, default_passing_len
-from .layout import ZigzagLayout, current_layout, shard_batch, use_layout
+from .layout import MeshLayout, ZigzagLayout, current_layout, make_layout, shard_batch, use_layout
 from .integrations.deepspeed import DistributedAttention
 from .reference import dense_causal_attention, reference_attention
 
@@ -12,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "DistributedAttention",
     "MODES",
+    "MeshLayout",
     "SpavaConfig",
     "ZigzagLayout",
     "current_layout",
@@ -20,6 +21,8 @@ __all__ = [
     "default_anchor_len",
     "default_passing_len",
     "dense_causal_attention",
+    "make_layout",
+    "mesh_attention",
     "reference_attention",
     "sp_attention",
     "spava_attention",

@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm, kernels
-from .config import SpavaConfig
-from .layout import ZigzagLayout, current_layout
+from .config import MESH_MODES, SpavaConfig
+from .layout import MeshLayout, ZigzagLayout, current_layout
 from .select import gather_passing, query_summary, block_scores, topk_indices
 
 
@@ -384,7 +384,8 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
                  local_attention: Optional[Callable] = None) -> torch.Tensor:
     """Sequence-parallel attention in the layout's local order, in the mode of ``config.mode``.
 
-    Same tensors as ``spava_attention``; ``layout`` defaults to ``current_layout()``. Modes: ``spava``, ``star``
+    Same tensors as ``spava_attention``; ``layout`` defaults to ``current_layout()``. With a ``MeshLayout`` this is
+    ``mesh_attention`` and ``group`` is its ``DeviceMesh``. Modes: ``spava``, ``star``
     and ``apb`` (approximate), ``ring`` and ``ulysses`` (exact), ``dense`` (exact, a group of one). ``local_attention``
     is used by mode ``ulysses`` only: a callable ``(q, k, v) -> out`` on the full sequence in global order
     ``[b, S, heads/W, d]``, as DeepSpeed's DistributedAttention calls it (default: causal SDPA).
@@ -393,6 +394,11 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
     if layout is None:
         raise ValueError("sp_attention: no layout given and none set with spava_ds.use_layout(...)")
     config = config if config is not None else layout.config
+    if isinstance(layout, MeshLayout):  # the two-dimensional mode: group is the DeviceMesh
+        return mesh_attention(q, k, v, layout, group, config, layer_idx, scale)
+    if config.ulysses_degree > 1:
+        raise ValueError(f"sp_attention: ulysses_degree={config.ulysses_degree} needs a MeshLayout "
+                         "(spava_ds.make_layout), got a flat ZigzagLayout")
     if config.mode in ("spava", "star", "apb"):
         return _zigzag_attention(q, k, v, layout, config, group, layer_idx, scale, exact=False)
     if config.mode == "ring":
@@ -407,3 +413,79 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
     from .reference import dense_causal_attention
 
     return dense_causal_attention(q, k, v, scale)
+
+
+# ---- the two-dimensional mode: Ulysses inside each intra group, the zigzag mode over the inter groups ------------
+def _tokens_to_heads(tensors: List[torch.Tensor], lens: List[int], group) -> List[torch.Tensor]:
+    """Each intra rank's token share ``[b, lens[j], H, d]`` -> the whole local sequence ``[b, sum(lens), H/U, d]``
+    for this rank's heads, every tensor in one all-to-all."""
+    u, n = len(lens), tensors[0].shape[1]
+    b, d = tensors[0].shape[0], tensors[0].shape[3]
+    heads = [t.shape[2] // u for t in tensors]
+    # [U, everything for destination u]: for each tensor, destination u's heads of this rank's tokens
+    send = torch.cat([t.reshape(b, n, u, h, d).permute(2, 0, 1, 3, 4).reshape(u, -1) for t, h in zip(tensors, heads)],
+                     dim=1)
+    per_token = b * d * sum(heads)
+    recv = comm.all_to_all(send, [per_token * m for m in lens], [send.shape[1]] * u, group)
+    chunks = [c.split([b * m * h * d for h in heads]) for c, m in zip(recv.split([per_token * m for m in lens]), lens)]
+    return [torch.cat([c[t].view(b, m, h, d) for c, m in zip(chunks, lens)], dim=1) for t, h in enumerate(heads)]
+
+
+def _heads_to_tokens(x: torch.Tensor, lens: List[int], intra_rank: int, group) -> torch.Tensor:
+    """The reverse of ``_tokens_to_heads`` for one tensor: ``[b, sum(lens), h, d]`` -> ``[b, lens[j], U*h, d]``."""
+    u, (b, _, h, d) = len(lens), x.shape
+    n = lens[intra_rank]
+    send = torch.cat([piece.reshape(-1) for piece in x.split(lens, dim=1)])
+    recv = comm.all_to_all(send, [b * n * h * d] * u, [b * m * h * d for m in lens], group)
+    return recv.view(u, b, n, h, d).permute(1, 2, 0, 3, 4).reshape(b, n, u * h, d)
+
+
+def _check_mesh_inputs(q, k, v, layout: MeshLayout, mesh, config: SpavaConfig, rank: int) -> None:
+    shape = tuple(mesh.shape)
+    if shape != (layout.inter_size, layout.intra_size):
+        raise ValueError(f"mesh_attention: the mesh is {shape}, the layout needs (inter {layout.inter_size}, intra "
+                         f"{layout.intra_size})")
+    if config.mode not in MESH_MODES:
+        raise ValueError(f"mesh_attention: mode {config.mode!r} does not run on the inter groups; use one of "
+                         f"{MESH_MODES}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError("mesh_attention: q, k and v must be [batch, seq, heads, head_dim], k and v alike")
+    u, hq, hkv = layout.intra_size, q.shape[2], k.shape[2]
+    if hq % u:
+        raise ValueError(f"mesh_attention: {hq} query heads do not split over ulysses_degree={u}")
+    if hkv % u and u % hkv:
+        raise ValueError(f"mesh_attention: {hkv} KV heads neither split over nor divide ulysses_degree={u}")
+    if q.shape[1] != layout.local_len(rank) or k.shape[1] != q.shape[1]:
+        raise ValueError(f"mesh_attention: rank {rank} got {q.shape[1]} tokens, its share of the layout is "
+                         f"{layout.local_len(rank)} ({layout})")
+
+
+def mesh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: MeshLayout, mesh,
+                   config: Optional[SpavaConfig] = None, layer_idx: Optional[int] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Two-dimensional sequence parallelism (differentiable): Ulysses inside each intra group, the zigzag mode of
+    ``config`` (spava, or ring for exact attention) over the inter groups.
+
+    Args:
+        q, k, v: this rank's tokens (``layout.shard``), ``[b, s_local, Hq, d]`` and ``[b, s_local, Hkv, d]``.
+        layout: the ``MeshLayout``; mesh: the ``DeviceMesh`` of ``comm.init_mesh(layout.intra_size)``.
+
+    One all-to-all in the intra group gives each rank its inter rank's whole local sequence for ``Hq/U`` query and
+    ``Hkv/U`` KV heads; the zigzag mode runs on the inter group as ``sp_attention`` does with W = inter size; one
+    all-to-all returns each rank's tokens. The result is the flat mode's at the inter size (head by head). Fewer
+    KV heads than U are replicated first, as DeepSpeed-Ulysses does: each copy then scores and selects its passing
+    tokens for its own query heads, i.e. Spava of the model with its KV heads repeated U / Hkv times.
+    """
+    config = config if config is not None else layout.config
+    inter_group, intra_group = comm.mesh_groups(mesh)
+    i, j = comm.group_rank_size(inter_group)[0], comm.group_rank_size(intra_group)[0]
+    _check_mesh_inputs(q, k, v, layout, mesh, config, i * layout.intra_size + j)
+    u = layout.intra_size
+    if k.shape[2] < u:
+        copies = u // k.shape[2]
+        k, v = k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
+    lens = layout.share_lens(i)
+    qh, kh, vh = _tokens_to_heads([q, k, v], lens, intra_group)
+    out = sp_attention(qh, kh, vh, layout.inter, dataclasses.replace(config, ulysses_degree=1), inter_group,
+                       layer_idx, scale)
+    return _heads_to_tokens(out, lens, j, intra_group)

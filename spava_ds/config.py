@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 # star, apb: baselines for benchmarks (one contiguous block per rank; star has no passing, apb no zigzag).
 MODES = ("spava", "ring", "ulysses", "dense", "star", "apb")
 CONTIGUOUS_MODES = ("star", "apb")
+# Modes that run on the inter groups of the two-dimensional mode (SpavaConfig.ulysses_degree > 1).
+MESH_MODES = ("spava", "ring", "star", "apb")
 # "auto" picks per device (see kernels.auto_backend); "math" is plain PyTorch and runs anywhere.
 BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn")
 
@@ -49,6 +51,10 @@ class SpavaConfig:
         pool_kernel: width of the max-pool that smooths the scores inside a block (odd, >= 1; 1 disables it).
         backend: local attention kernel, one of ``BACKENDS``.
         overlap: overlap the passing-block all-gathers with computation (off only for ablations).
+        ulysses_degree: ranks per intra group of the two-dimensional mode (``MeshLayout``): Ulysses (all-to-all
+            over heads) inside each group of this many consecutive ranks (a node), the zigzag ``mode`` over the
+            W / ulysses_degree groups. 1 (the default) is the flat layout over all W ranks. Modes ``spava``,
+            ``ring``, ``star`` and ``apb`` only (``ulysses`` is head-parallel already, ``dense`` one process).
     """
 
     mode: str = "spava"
@@ -57,6 +63,7 @@ class SpavaConfig:
     pool_kernel: int = 5
     backend: str = "auto"
     overlap: bool = True
+    ulysses_degree: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,6 +85,11 @@ class SpavaConfig:
             raise ValueError(f"SpavaConfig.pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
         if not isinstance(self.overlap, bool):
             raise ValueError(f"SpavaConfig.overlap must be True or False, got {self.overlap!r}")
+        if not (_is_int(self.ulysses_degree) and self.ulysses_degree >= 1):
+            raise ValueError(f"SpavaConfig.ulysses_degree must be an int >= 1, got {self.ulysses_degree!r}")
+        if self.ulysses_degree > 1 and self.mode not in MESH_MODES:
+            raise ValueError(f"SpavaConfig.ulysses_degree > 1 (the two-dimensional mode) needs a mode in {MESH_MODES}, "
+                             f"got {self.mode!r}")
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "SpavaConfig":
