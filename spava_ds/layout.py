@@ -327,7 +327,8 @@ class MeshLayout:
         a0, a1 = self.inter.anchor_share(i)
         kept = [(a0, a1), (seg.block1[0], seg.block2[1])] + ([seg.query] if i == 0 else [])
         lo, hi = self.share(rank)
-        return [(max(s, lo) - lo, min(e, hi) - lo) for s, e in kept if max(s, lo) < min(e, hi)]
+        mine = [(max(s, lo) - lo, min(e, hi) - lo) for s, e in kept if max(s, lo) < min(e, hi)]
+        return mine or [(0, 0)]  # a share of replicated tokens only keeps nothing: one empty range
 
     def last_token_rank(self) -> int:
         """The global rank whose last local token is the sequence's last (the query's, or block 2Wi-1's): the last

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .. import comm, kernels
 from ..attention import sp_attention
 from ..config import SpavaConfig
-from ..layout import ZigzagLayout
+from ..layout import MeshLayout, ZigzagLayout
 from ..reference import reference_attention
 
 ATTN_NAME = "spava"
@@ -46,8 +46,10 @@ class SpavaSession:
         # for the layout's W (accuracy studies at any W on one device); decoding is exact over the whole cache.
         self.simulate = simulate
         self.config = config if config is not None else layout.config
-        self.group = group
-        self.rank, self.world = comm.group_rank_size(group)
+        self.group = group  # attention's group: the DeviceMesh in the two-dimensional mode (MeshLayout)
+        # Decoding merges over every rank; the two-dimensional mode's mesh spans the world (comm.init_mesh).
+        self.merge_group = None if isinstance(layout, MeshLayout) else group
+        self.rank, self.world = comm.group_rank_size(self.merge_group)
         self.decoding = False
         self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> this rank's k, v [b, n, Hkv, d]
 
@@ -61,6 +63,8 @@ class SpavaSession:
         """Local (start, end) ranges of the prefill tokens this rank keeps: anchor share, blocks, query on rank 0."""
         if self.simulate:
             return [(0, self.layout.total_len)]
+        if isinstance(self.layout, MeshLayout):
+            return self.layout.cache_ranges(self.rank)
         seg = self.layout.local_segments(self.rank)
         a0, a1 = self.layout.anchor_share(self.rank)
         ranges = [(a0, a1), (seg.block1[0], seg.block2[1])]
@@ -94,7 +98,7 @@ class SpavaSession:
             return out
         d = q.shape[-1]
         packed = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
-        parts = comm.all_gather_async(packed, self.group, self.world, async_op=False).wait()
+        parts = comm.all_gather_async(packed, self.merge_group, self.world, async_op=False).wait()
         merged, _ = kernels.merge([(p[..., :d], p[..., d].transpose(1, 2)) for p in parts.unbind(0)], q.dtype)
         return merged
 

@@ -1,0 +1,97 @@
+"""Past one machine: the two-dimensional mode launched as two "nodes" on this machine, and the engine sharded by it.
+
+Two torchrun agents with ``--nnodes 2 --nproc_per_node 2`` meet at a c10d rendezvous on localhost (4 processes in
+all, 2 per "node"); each node is one intra group of the 2 x 2 mesh. They run the attention demo in the 2-D mode and
+the inference CLI on the embedded model (ring x Ulysses must give dense attention's first-token logits). In-process,
+the engine's 2-D Spava (4 gloo processes) equals one process simulating flat Spava at the inter size.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import _free_port, run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_NEW = 4
+
+
+def _two_nodes(script, *args, timeout=240):
+    """Run ``script`` under two torchrun agents (node ranks 0 and 1) with a c10d rendezvous on localhost; returns
+    the two agents' (return code, stdout, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    port = _free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+             "--rdzv-id", f"spava-test-{port}", os.path.join(ROOT, script), *args] for node in (0, 1)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _value(text, label):
+    return float(text.split(label)[1].split()[0])
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_run_the_2d_attention_and_the_engine():
+    runs = _two_nodes("launch/demo_attention.py", "--context-len", "700", "--query-len", "9", "--heads", "4",
+                      "--kv-heads", "2", "--head-dim", "16", "--ulysses-degree", "2", "--repeat", "1")
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    out = "".join(o for _, o, _ in runs)  # rank 0 prints, on whichever agent the rendezvous made node 0
+    assert "MeshLayout(inter 2 x intra 2" in out, out
+    assert _value(out, "max |spava - reference|          :") < 1e-5, out
+
+    runs = _two_nodes("launch/infer.py", "--deepspeed_config", os.path.join(ROOT, "configs", "spava_2d_sp4.json"),
+                      "--mode", "ring", "--check", "--max-new-tokens", str(MAX_NEW))
+    assert all(code == 0 for code, _, _ in runs), [err[-3000:] for _, _, err in runs]
+    out = "".join(o for _, o, _ in runs)
+    assert "mode ring on 4 process(es)" in out and "answer:" in out, out
+    assert _value(out, "largest first-token logit difference") < 1e-4, out  # ring x Ulysses is exact
+
+
+def _engine_2d(rank, world, model_dir):
+    from spava_ds import SpavaConfig
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+
+    from test_engine import _inputs
+
+    engine = SpavaEngine.from_pretrained(model_dir, SpavaConfig(anchor_len=16, passing_len=6, ulysses_degree=2),
+                                         fused_vision=False)
+    answer = engine.generate(_inputs(engine), GenerationConfig(max_new_tokens=MAX_NEW))
+    return answer.first_logits, answer.tokens
+
+
+@pytest.mark.timeout(300)
+def test_engine_2d_spava_equals_flat_spava_at_the_inter_size():
+    pytest.importorskip("transformers")
+    from spava_ds import SpavaConfig, comm
+    from spava_ds.assets import tiny_model_dir
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+
+    from test_engine import _inputs
+
+    model_dir = tiny_model_dir()
+    per_rank = run_distributed(_engine_2d, 4, model_dir)
+    # The tiny model has 2 KV heads = U: no replication, so 2 x 2 is flat Spava over 2 ranks, head by head.
+    sim = SpavaEngine.from_pretrained(model_dir, SpavaConfig(anchor_len=16, passing_len=6), group=comm.SELF,
+                                      fused_vision=False, simulate_world=2)
+    answer = sim.generate(_inputs(sim), GenerationConfig(max_new_tokens=MAX_NEW))
+    for logits, tokens in per_rank:
+        assert (logits - answer.first_logits).abs().max().item() < 1e-4
+        assert tokens == answer.tokens
+    dense = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF, fused_vision=False)
+    # On random weights the approximation shows: Spava's logits are not dense attention's.
+    dense_logits = dense.generate(_inputs(dense), GenerationConfig(max_new_tokens=1)).first_logits
+    assert (per_rank[0][0] - dense_logits).abs().max().item() > 1e-4
+    assert torch.isfinite(per_rank[0][0]).all()
