@@ -126,7 +126,7 @@ def main():
               f"{args.query_len} tokens, "
               f"{args.heads}/{args.kv_heads} heads, d={args.head_dim}, {args.dtype}, {device.type}")
         print(f"  max |{args.mode} - reference|          : {(full - ref).abs().max().item():.2e}  (exact algorithm)")
-        print(f"  max |spava - dense|, question rows: {(full[:, ctx:] - dense[:, ctx:]).abs().max().item():.2e}"
+        print(f"  max |{args.mode} - dense|, question rows: {(full[:, ctx:] - dense[:, ctx:]).abs().max().item():.2e}"
               "  (exact by design)")
         print(f"  relative error vs dense, context  : {rel:.2e}  (the approximation)")
         print(f"  time: {args.mode} on {world} process(es) {spava_s * 1e3:.1f} ms, dense on one {dense_s * 1e3:.1f} ms")

@@ -571,11 +571,11 @@ def prediction_grid(shape: Shape, card: Card, tokens_list: List[int], worlds: Li
     return rows
 
 
-def crossover(rows: List[dict], tokens: int) -> Optional[int]:
-    """The fewest GPUs at which the best 2-D Spava is faster per layer than flat Spava."""
+def crossover(rows: List[dict], tokens: int, margin: float = 0.05) -> Optional[int]:
+    """The fewest GPUs at which the best 2-D Spava is faster per layer than flat Spava (by ``margin`` at least)."""
     for r in rows:
         flat, twod = r["best"]["spava"], r["best"]["spava 2-D"]
-        if r["tokens"] == tokens and flat and twod and twod.layer_s < flat.layer_s:
+        if r["tokens"] == tokens and flat and twod and twod.layer_s < (1 - margin) * flat.layer_s:
             return r["world"]
     return None
 
@@ -596,7 +596,7 @@ def print_grid(shape: Shape, card: Card, rows: List[dict]) -> None:
               + f" | {ratio} | {flat.exposed_s * 1e3:.2f} | {mem} |")
     for tokens in sorted({r["tokens"] for r in rows}):
         where = crossover(rows, tokens)
-        print(f"{_tokens_label(tokens)} tokens: 2-D Spava overtakes flat Spava from "
+        print(f"{_tokens_label(tokens)} tokens: 2-D Spava overtakes flat Spava (by 5% or more) from "
               f"{f'{where} GPUs' if where else 'no GPU count in the grid'}")
 
 
@@ -609,6 +609,7 @@ def plot(grids: Dict[str, List[dict]], path: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print(f"matplotlib is not importable here: no plot written to {path}")
         return
@@ -621,7 +622,9 @@ def plot(grids: Dict[str, List[dict]], path: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts), style, color=color, marker="o", label=f"{fam}, {_tokens_label(tokens)}")
         ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="attention per layer (ms), predicted", title=title)
-        ax.set_xticks(sorted({r["world"] for r in rows}), labels=[str(w) for w in sorted({r["world"] for r in rows})])
+        worlds = sorted({r["world"] for r in rows})
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(worlds, labels=[str(w) for w in worlds])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

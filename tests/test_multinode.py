@@ -2,8 +2,9 @@
 
 Two torchrun agents with ``--nnodes 2 --nproc_per_node 2`` meet at a c10d rendezvous on localhost (4 processes in
 all, 2 per "node"); each node is one intra group of the 2 x 2 mesh. They run the attention demo in the 2-D mode and
-the inference CLI on the embedded model (ring x Ulysses must give dense attention's first-token logits). In-process,
-the engine's 2-D Spava (4 gloo processes) equals one process simulating flat Spava at the inter size.
+the inference CLI on the embedded model (ring x Ulysses must give dense attention's first-token logits). The
+deepspeed launcher's hostfile recipe (``--no_ssh --node_rank``) runs the demo as well. In-process, the engine's 2-D
+Spava (4 gloo processes) equals one process simulating flat Spava at the inter size.
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ def _two_nodes(script, *args, timeout=240):
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
+def _deepspeed_two_nodes(hostfile, script, *args, timeout=240):
+    """The deepspeed launcher's hostfile recipe without ssh: one ``deepspeed --no_ssh --node_rank i`` per node."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    port = str(_free_port())
+    cmds = [[launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+             "127.0.0.1", "--master_port", port, "--no_local_rank", os.path.join(ROOT, script), *args]
+            for node in (0, 1)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
 def _value(text, label):
     return float(text.split(label)[1].split()[0])
 
@@ -58,6 +77,21 @@ def test_two_nodes_run_the_2d_attention_and_the_engine():
     out = "".join(o for _, o, _ in runs)
     assert "mode ring on 4 process(es)" in out and "answer:" in out, out
     assert _value(out, "largest first-token logit difference") < 1e-4, out  # ring x Ulysses is exact
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_hostfile_without_ssh_runs_the_2d_attention(tmp_path):
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "deepspeed")):
+        pytest.skip("the deepspeed launcher is not installed")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")  # names only: --no_ssh never contacts them
+    runs = _deepspeed_two_nodes(hostfile, "launch/demo_attention.py", "--context-len", "700", "--query-len", "9",
+                                "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--ulysses-degree", "2",
+                                "--mode", "ring", "--repeat", "1")
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    out = "".join(o for _, o, _ in runs)
+    assert "ring on 4 rank(s) (MeshLayout(inter 2 x intra 2" in out, out
+    assert _value(out, "max |ring - reference|          :") < 1e-5, out  # exact: against dense attention
 
 
 def _engine_2d(rank, world, model_dir):

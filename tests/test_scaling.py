@@ -86,7 +86,7 @@ def test_predictions_show_the_floor_of_flat_spava():
     assert twod[64].layer_s < 0.5 * flat[64].layer_s and twod[64].layer_s < twod[16].layer_s
     assert twod[64].inter_bytes < flat[64].inter_bytes / 4
     rows = sm.prediction_grid(shape, card, [tokens], [8, 16, 32, 64])
-    assert sm.crossover(rows, tokens) in (8, 16)
+    assert sm.crossover(rows, tokens) == 16  # on one node (8 GPUs) the two are alike
 
 
 # ---- the model's collectives against what the code sends -----------------------------------------------------------
@@ -156,7 +156,7 @@ def test_measure_then_validate_and_predict_on_the_cpu(tmp_path, capsys):
     assert sm.main(["predict", "--shapes", "3b", "--tokens", str(2 ** 20), "--gpus", "8", "64",
                     "--plot", str(tmp_path / "p.png")]) == 0
     text = capsys.readouterr().out
-    assert "| 1M | 64 |" in text and "1M tokens: 2-D Spava overtakes flat Spava from" in text
+    assert "| 1M | 64 |" in text and "1M tokens: 2-D Spava overtakes flat Spava (by 5% or more) from" in text
 
 
 def test_fitted_constants_recover_known_rates():
