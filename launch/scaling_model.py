@@ -123,7 +123,7 @@ class Mode:
     @property
     def label(self) -> str:
         u = self.ulysses_degree
-        return f"{self.name}" if u == 1 else f"{self.name} {self.world // u}x{u}"
+        return f"{self.name} {self.world}" if u == 1 else f"{self.name} {self.world // u}x{u}"
 
 
 def kv_heads_after_split(shape: Shape, parts: int) -> int:
@@ -398,6 +398,7 @@ def run_measure(args) -> int:
 
     import bench_host
 
+    start = time.perf_counter()  # the budget counts the calibration too
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = shape_from_args(args)
@@ -408,7 +409,6 @@ def run_measure(args) -> int:
                rank=args.rank, calibration=measure_calibration(shape, args.calibration_tokens, args.copy_mib,
                                                               device, dtype, timer), shares=[])
     _write(args.out, out)
-    start = time.perf_counter()
     with bench_host.no_collectives():
         for tokens in args.tokens:
             for mode in args.configs:
@@ -541,8 +541,8 @@ def print_e2e(rows: List[dict]) -> None:
 
 
 def _constants(card: Card) -> str:
-    return (f"attention {card.causal_tflops:.0f} (causal) / {card.full_tflops:.0f} (rectangular) TFLOP/s, "
-            f"{card.call_us:.1f} us per piece, copies {card.copy_gbs:.0f} GB/s; links (nominal) NVLink "
+    return (f"attention {card.causal_tflops:.3g} (causal) / {card.full_tflops:.3g} (rectangular) TFLOP/s, "
+            f"{card.call_us:.3g} us per piece, copies {card.copy_gbs:.3g} GB/s; links (nominal) NVLink "
             f"{card.intra_gbs:.0f} GB/s, network {card.inter_gbs:.0f} GB/s per GPU, {card.gpus_per_node} GPUs a node")
 
 
@@ -685,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--copy-mib", type=int, default=512)
     me.add_argument("--iters", type=int, default=3, help="timed bursts (the median counts)")
     me.add_argument("--calls", type=int, default=2, help="calls per burst")
-    me.add_argument("--time-budget", type=float, default=420.0, help="start no share after this many seconds")
+    me.add_argument("--time-budget", type=float, default=400.0,
+                    help="start no share after this many seconds (the calibration included)")
     va = sub.add_parser("validate", help="the model against measure's JSON and the end-to-end runs")
     va.add_argument("--measured", help="measure's JSON (without it only the end-to-end comparison runs)")
     va.add_argument("--e2e", nargs="*", default=sorted(glob.glob(os.path.join(ROOT, "docs", "results", "e2e_*.json"))))
