@@ -22,14 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4
 
 
-def _two_nodes(script, *args, timeout=240):
-    """Run ``script`` under two torchrun agents (node ranks 0 and 1) with a c10d rendezvous on localhost; returns
-    the two agents' (return code, stdout, stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    port = _free_port()
-    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
-             "--rdzv-id", f"spava-test-{port}", os.path.join(ROOT, script), *args] for node in (0, 1)]
+def _run_nodes(cmds, env, timeout):
+    """Start one launcher per node at once; returns each one's (return code, stdout, stderr)."""
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
@@ -38,24 +32,25 @@ def _two_nodes(script, *args, timeout=240):
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _two_nodes(script, *args, timeout=240):
+    """``script`` under two torchrun agents (node ranks 0 and 1) meeting at a c10d rendezvous on localhost."""
+    port = _free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+             "--rdzv-id", f"spava-test-{port}", os.path.join(ROOT, script), *args] for node in (0, 1)]
+    return _run_nodes(cmds, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), timeout)
 
 
 def _deepspeed_two_nodes(hostfile, script, *args, timeout=240):
     """The deepspeed launcher's hostfile recipe without ssh: one ``deepspeed --no_ssh --node_rank i`` per node."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     port = str(_free_port())
     cmds = [[launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
              "127.0.0.1", "--master_port", port, "--no_local_rank", os.path.join(ROOT, script), *args]
             for node in (0, 1)]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    return _run_nodes(cmds, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu"), timeout)
 
 
 def _value(text, label):

@@ -89,7 +89,7 @@ def test_predictions_show_the_floor_of_flat_spava():
     assert sm.crossover(rows, tokens) == 16  # on one node (8 GPUs) the two are alike
 
 
-# ---- the model's collectives against what the code sends -----------------------------------------------------------
+# ---- the model's collectives against what the code sends -------------------------------------------------------------
 @contextlib.contextmanager
 def _recording():
     """Collectives record what each sends and move nothing (this process is one rank of a fake group)."""
@@ -134,7 +134,7 @@ def test_collectives_are_what_the_code_sends(mode):
     assert moved == pytest.approx(real, rel=0.05 if u == 1 else 0.02) if group > 1 else moved == 0
 
 
-# ---- the command lines ------------------------------------------------------------------------------------------------
+# ---- the command lines -----------------------------------------------------------------------------------------------
 def test_measure_then_validate_and_predict_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "scaling.json"
     assert sm.main(["measure", "--out", str(out), "--device", "cpu", "--tokens", "700", "--heads", "4", "2",
@@ -168,7 +168,7 @@ def test_fitted_constants_recover_known_rates():
     assert card.call_us == pytest.approx(15) and card.copy_gbs == pytest.approx(3000)
 
 
-# ---- the benchmarks' 2-D options ------------------------------------------------------------------------------------------
+# ---- the benchmarks' 2-D options -------------------------------------------------------------------------------------
 def test_bench_host_runs_the_2d_mode():
     bench_host = _load("bench_host")
     gather, all_to_all = comm._all_gather_single, dist.all_to_all_single
