@@ -71,10 +71,9 @@ class Card:
     intra_us: float = 10.0        # latency of one collective step inside a node
     inter_us: float = 20.0        # ... between nodes
     gpus_per_node: int = 8
-    memory_gib: float = 141.0
 
 
-CARDS = {"h200": Card("H200"), "h100": Card("H100", copy_gbs=2000.0, memory_gib=80.0)}
+CARDS = {"h200": Card("H200"), "h100": Card("H100", copy_gbs=2000.0)}
 
 
 @dataclasses.dataclass
