@@ -163,17 +163,19 @@ class Clock:
 
 
 class Probe:
-    """Spans recorded by the wrappers installed in ``install_probes`` while ``on`` (the breakdown run only)."""
+    """Spans recorded through spava_ds's seams (``probes``) while ``on`` (the breakdown run only)."""
 
     def __init__(self):
         self.on = False
         self.clock: Optional[Clock] = None
         self.records: List[tuple] = []
         self.in_attention = 0
+        self.in_vision = 0
+        self.collectives = 0  # collectives launched inside attention
 
     @contextlib.contextmanager
-    def span(self, category: str, only_in_attention: bool = False):
-        if not self.on or (only_in_attention and not self.in_attention):
+    def span(self, category: Optional[str]):
+        if not self.on or category is None:
             yield
             return
         a = self.clock.mark()
@@ -246,32 +248,41 @@ def install_attention():
     AttentionInterface.register("spava", _bench_attention)
 
 
-def install_probes(decoder):
-    """Wrap, without editing spava_ds, the functions whose time the breakdown reports; returns an undo callable."""
-    import spava_ds.attention as sa
-    import spava_ds.comm as sc
-    from spava_ds.integrations import qwen_vision as qv
+class _TimedWork:
+    """A collective's work handle whose ``wait()`` (the exposed part of an async collective) is a span."""
 
-    saved = []
+    def __init__(self, work, category: Optional[str]):
+        self.work, self.category = work, category
 
-    def wrap(obj, name, category, only_in_attention=False):
-        orig = getattr(obj, name)
+    def wait(self):
+        with PROBE.span(self.category):
+            return self.work.wait()
 
-        def wrapper(*a, **k):
-            with PROBE.span(category, only_in_attention):
-                return orig(*a, **k)
 
-        saved.append((obj, name, orig))
-        setattr(obj, name, wrapper)
+def _timed_collective(op, *args, **kwargs):
+    """spava_ds's collective hook: the launch of each collective (a synchronous one with its wait) and the wait
+    of an asynchronous one count as communication inside attention, as the vision all-gather inside the vision
+    encoder; anything else is not counted."""
+    category = "communication" if PROBE.in_attention else "vision_gather" if PROBE.in_vision else None
+    PROBE.collectives += PROBE.on and category == "communication"
+    with PROBE.span(category):
+        work = op(*args, **kwargs)
+    return _TimedWork(work, category) if work is not None else None
 
-    wrap(sa, "_select", "selection")
-    wrap(sa, "query_summary", "selection")
-    wrap(sc, "all_gather_async", "communication", only_in_attention=True)  # sync gathers wait inside the call
-    wrap(sc.PendingGather, "wait", "communication", only_in_attention=True)
-    wrap(sc, "all_to_all", "communication", only_in_attention=True)  # ulysses
-    wrap(qv, "_gather_rows", "vision_gather")
 
-    handles = []
+@contextlib.contextmanager
+def _timed_step(name: str):
+    """spava_ds's span hook: the passing-block selection is reported on its own; every step stays a profiler range
+    (for --trace)."""
+    with torch.profiler.record_function(name), PROBE.span("selection" if name == "spava.select" else None):
+        yield
+
+
+@contextlib.contextmanager
+def probes(decoder):
+    """The breakdown's probes: spava_ds's collective and span hooks, and forward hooks timing the linear layers."""
+    from spava_ds import comm, profiling
+
     stack: List = []
 
     def pre(mod, args):
@@ -282,18 +293,17 @@ def install_probes(decoder):
         if PROBE.on and stack:
             PROBE.records.append(("linear", stack.pop(), PROBE.clock.mark()))
 
+    handles = []
     for m in decoder.modules():
         if isinstance(m, torch.nn.Linear):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-
-    def undo():
-        for obj, name, orig in reversed(saved):
-            setattr(obj, name, orig)
+    try:
+        with comm.collective_hook(_timed_collective), profiling.span_hook(_timed_step):
+            yield
+    finally:
         for h in handles:
             h.remove()
-
-    return undo
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,7 +394,7 @@ def make_case(model, tokenizer, shape, resolution, target, world, args, device, 
 
 class Runner:
     def __init__(self, model, case: Case, method: str, device, clock: Clock, rank: int, world: int, args):
-        from spava_ds import MeshLayout, SpavaConfig, ZigzagLayout, comm, make_layout
+        from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, ZigzagLayout, comm, make_layout
         from spava_ds.integrations.transformers import text_decoder
 
         self.model, self.case, self.method, self.device, self.clock = model, case, method, device, clock
@@ -400,8 +410,9 @@ class Runner:
                 "spava_no_fused": "spava", "spava_no_fp": "spava",
                 "spava_2d": "spava", "ring_2d": "ring"}.get(method, method)
         budget = {}
-        if args.passing_len is not None and mode in ("spava", "apb"):  # apb: twice, as its default rule does
-            budget = dict(passing_len=args.passing_len * (2 if mode == "apb" else 1))
+        scale = MODE_TABLE[mode].passing_scale  # apb: twice, as its default rule does; star: none
+        if args.passing_len is not None and scale:
+            budget = dict(passing_len=args.passing_len * scale)
         self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap",
                                   ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1, **budget)
         self.route = {"torch_cp": "torch_cp", "dense_flash_attn": "flash_attn"}.get(method, "spava")
@@ -441,10 +452,14 @@ class Runner:
         from spava_ds.integrations import qwen_vision as qv
 
         c = self.case
-        with PROBE.span("vision_total"):
-            if self.frame_parallel:
-                return qv.frame_parallel_vision(self.visual, c.pixels, c.grid, group=self.group)
-            return qv.encode_video(self.visual, c.pixels, c.grid)
+        PROBE.in_vision += 1
+        try:
+            with PROBE.span("vision_total"):
+                if self.frame_parallel:
+                    return qv.frame_parallel_vision(self.visual, c.pixels, c.grid, group=self.group)
+                return qv.encode_video(self.visual, c.pixels, c.grid)
+        finally:
+            PROBE.in_vision -= 1
 
     def _broadcast(self, token: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -655,8 +670,7 @@ def gather_floats(values: List[float], device) -> List[List[float]]:
 
 def breakdown(runner: Runner, clock: Clock, trace_path: Optional[str]) -> dict:
     """One instrumented run (after the timed ones, so the probes cost them nothing): the spans, from this rank."""
-    undo = install_probes(runner.decoder)
-    PROBE.on, PROBE.clock, PROBE.records = True, clock, []
+    PROBE.on, PROBE.clock, PROBE.records, PROBE.collectives = True, clock, [], 0
     prof = None
     if trace_path:
         from torch.profiler import ProfilerActivity, profile
@@ -665,10 +679,10 @@ def breakdown(runner: Runner, clock: Clock, trace_path: Optional[str]) -> dict:
         prof = profile(activities=acts)
         prof.__enter__()
     try:
-        seg = runner.run()
+        with probes(runner.decoder):
+            seg = runner.run()
     finally:
         PROBE.on = False
-        undo()
         if prof is not None:
             prof.__exit__(None, None, None)
     clock.sync()
@@ -684,6 +698,7 @@ def breakdown(runner: Runner, clock: Clock, trace_path: Optional[str]) -> dict:
     out["gaps"] = seg["total"] - sum(out.values())
     out["attention"] = attn
     out["total"] = seg["total"]
+    out["collectives"] = PROBE.collectives
     if prof is not None:
         prof.export_chrome_trace(trace_path)
         nccl = 0.0
@@ -911,22 +926,29 @@ def main(argv=None) -> int:
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only plot and tabulate result files")
     p.add_argument("--plot-out", default=None, help="PNG path for --plot (default: the first JSON with .png)")
     p.add_argument("--inject-oom", default=None, help=argparse.SUPPRESS)  # "METHOD@TARGET": test the skip path
+    from spava_ds import entry
+
+    entry.add_arguments(p)
     args = p.parse_args(argv)
 
     if args.plot:
         return plot(args.plot, args.plot_out or os.path.splitext(args.plot[0])[0] + ".png")
+    return entry.run_main(bench, args)
 
+
+def bench(args) -> int:
+    """Every model x resolution x context x method of ``args``; rank 0 writes the JSON and prints the tables."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from spava_ds import comm
+    from spava_ds import entry
     from spava_ds.assets import tiny_model_dir
 
     hf_logging.set_verbosity_error()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.tiny:
         torch.set_num_threads(1)
-    rank, world = comm.init_distributed(backend="gloo" if args.tiny else None) if distributed else (0, 1)
+    rank, world = entry.init_distributed(args, backend="gloo" if args.tiny else None) if distributed else (0, 1)
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds import SpavaConfig, comm, entry  # noqa: E402
 from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
 
 SHAPES = {  # text: layers, hidden, heads, kv heads, MLP; vision out = text hidden
@@ -57,7 +57,7 @@ def build_model(shape: str, tokenizer, device):
     return model.eval()
 
 
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-shape", choices=sorted(SHAPES), default="3b")
     p.add_argument("--frames", type=int, default=64)
@@ -66,13 +66,18 @@ def main():
     p.add_argument("--modes", nargs="+", default=["spava", "ring"])
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="the embedded tiny checkpoint on CPU (a smoke test)")
-    args = p.parse_args()
+    entry.add_arguments(p)
+    return entry.run_main(bench, p.parse_args(argv))
+
+
+def bench(args) -> None:
+    """Time to first token of each mode and of dense on rank 0; rank 0 prints the table."""
     from transformers import AutoTokenizer
 
     from spava_ds.assets import tiny_model_dir
     from spava_ds.video import write_synthetic_video
 
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = entry.init_distributed(args)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     if args.tiny:
         base = SpavaEngine.from_pretrained(tiny_model_dir())
@@ -84,7 +89,8 @@ def main():
         card = torch.cuda.get_device_name(device)
         pixels = args.width * args.height  # keep the video's resolution (rounded to multiples of 28)
         settings = dict(min_pixels=pixels, max_pixels=int(pixels * 1.05), fps=2, max_frames=args.frames)
-    video = write_synthetic_video(os.path.join(tempfile.mkdtemp(), "bench.mp4"), num_frames=args.frames,
+    folder = tempfile.TemporaryDirectory(prefix="spava_bench_")  # removed when bench returns
+    video = write_synthetic_video(os.path.join(folder.name, "bench.mp4"), num_frames=args.frames,
                                   width=args.width, height=args.height, fps=2, seed=0)
     question = "What is written in the frame where the red square appears?"
 
@@ -124,4 +130,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

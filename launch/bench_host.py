@@ -9,10 +9,11 @@ for one rank of a W-rank group, per mode:
 * ``gpu``: the time the GPU spends on the call's kernels back to back (queued behind the sleep, no gaps);
 * ``ops``: the ATen operators one call runs (from torch.profiler; views included).
 
-A layer is host-bound when ``host`` exceeds ``gpu``. The other W-1 ranks are PyTorch's fake process group
-(``torch.testing._internal.distributed.fake_pg``), so one GPU (or the CPU) is enough, and the collectives are
-replaced by calls that return at once (the fake group's all-gather would copy the input W times, launches a real
-NCCL call does not make): communication is not in the numbers, a real collective adds about one launch each.
+A layer is host-bound when ``host`` exceeds ``gpu``. The rank and world size come from PyTorch's fake process
+group (``torch.testing._internal.distributed.fake_pg``), so one GPU (or the CPU) is enough, and spava_ds's
+collective hook (``comm.collective_hook``) makes every collective return at once (the fake group's all-gather
+would copy the input W times, launches a real NCCL call does not make): communication is not in the numbers, a
+real collective adds about one launch each.
 Inputs are random; the numbers do not depend on them.
 
     python launch/bench_host.py                                  # 3B shape, 16K and 32K tokens, W = 2 and 4, CUDA
@@ -34,15 +35,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import MeshLayout, SpavaConfig, comm, make_layout  # noqa: E402
+from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, comm, entry, make_layout  # noqa: E402
 from spava_ds.attention import sp_attention  # noqa: E402
 from spava_ds.config import MESH_MODES  # noqa: E402
 
-MODES = ["spava", "ring", "apb", "star", "ulysses"]
+MODES = [mode for mode, spec in MODE_TABLE.items() if spec.schedule != "local"]  # the modes that run over W ranks
 
 
 def fake_group(rank: int, world: int) -> None:
-    """This process as rank ``rank`` of ``world`` (collectives are patched by ``no_collectives``)."""
+    """This process as rank ``rank`` of ``world`` (its collectives return at once: ``alone``)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -50,19 +51,18 @@ def fake_group(rank: int, world: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
 
 
-def _no_collective(*args, **kwargs):
-    return None  # no work handle: the callers treat it as a finished synchronous collective
+def _no_collective(op, *args, **kwargs):
+    return None  # no work handle: the caller treats it as a finished collective
 
 
 @contextlib.contextmanager
-def no_collectives():
-    """The collectives Spava's modes call return at once and move nothing, until the block ends."""
-    saved = comm._all_gather_single, dist.all_to_all_single
-    comm._all_gather_single = dist.all_to_all_single = _no_collective
+def alone():
+    """Until the block ends, every collective of spava_ds returns at once and moves nothing; then the fake group
+    is destroyed."""
     try:
-        yield
+        with comm.collective_hook(_no_collective):
+            yield
     finally:
-        comm._all_gather_single, dist.all_to_all_single = saved
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -177,11 +177,17 @@ def main(argv=None) -> int:
     p.add_argument("--python-profile", type=int, default=0, metavar="N",
                    help="print the N functions with the most own host time over the timed calls (cProfile)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
+    entry.add_arguments(p)
     args = p.parse_args(argv)
     if any(w % args.ulysses_degree for w in args.world):
         p.error(f"--ulysses-degree {args.ulysses_degree} does not divide every --world {args.world}")
     if args.rank >= min(args.world) // args.ulysses_degree:
         p.error(f"--rank {args.rank} is not an (inter) rank of W = {min(args.world)}")
+    return entry.run_main(bench, args)
+
+
+def bench(args) -> int:
+    """One rank's host and GPU time per call of every mode, token count and world size; prints the table."""
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +199,7 @@ def main(argv=None) -> int:
     print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    with no_collectives():
+    with alone():
         for tokens in args.tokens:
             for world in args.world:
                 for mode in args.modes:

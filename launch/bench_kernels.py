@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
-from spava_ds import default_anchor_len, default_passing_len  # noqa: E402
+from spava_ds import default_anchor_len, default_passing_len, entry  # noqa: E402
 from spava_ds.kernels import attend, flash_attn_available, merge  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def probe_cudnn_gqa(hq, hkv, d) -> str:
     return f"runs, max abs err vs repeated KV {(out.float() - ref.float()).abs().max().item():.1e}"
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, nargs="+", default=[16384, 32768], help="tokens per virtual host")
     parser.add_argument("--world", type=int, default=4, help="W: sets the context length L = 2W blocks")
@@ -125,8 +125,14 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention (compiles for a while)")
     parser.add_argument("--out", help="also write the results as JSON")
-    args = parser.parse_args()
-    assert torch.cuda.is_available(), "bench_kernels needs a CUDA GPU"
+    entry.add_arguments(parser)
+    return entry.run_main(bench, parser.parse_args(argv))
+
+
+def bench(args) -> None:
+    """Every variant at every block size against dense SDPA on one GPU; prints the table."""
+    if not torch.cuda.is_available():
+        raise ValueError("bench_kernels needs a CUDA GPU")
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     print(f"# {name}, torch {torch.__version__}, bf16, Hq={args.heads}, Hkv={args.kv_heads}, d={args.head_dim}, "
@@ -186,4 +192,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

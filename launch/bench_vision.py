@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from spava_ds.comm import init_distributed  # noqa: E402
+from spava_ds import entry  # noqa: E402
 from spava_ds.integrations import qwen_vision as qv  # noqa: E402
 
 # Qwen2.5-VL-3B / 7B vision towers: identical ViTs, the merger projects to the language model's hidden size.
@@ -113,7 +113,7 @@ def timed(fn, warmup: int, iters: int, device: torch.device, group_sync: bool) -
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny tower and video on the CPU (smoke test)")
     ap.add_argument("--models", nargs="+", default=None, help="3b 7b (default), or tiny")
@@ -123,10 +123,14 @@ def main() -> None:
                                                               f"({', '.join(qv.BACKENDS[1:])})")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    args = ap.parse_args()
+    entry.add_arguments(ap)
+    return entry.run_main(bench, ap.parse_args(argv))
 
+
+def bench(args) -> None:
+    """Each backend of the vision tower's attention, one process and frame-parallel; rank 0 prints the table."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = init_distributed() if distributed else (0, 1)
+    rank, world = entry.init_distributed(args) if distributed else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not args.tiny \
         else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -199,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

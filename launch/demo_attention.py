@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
@@ -26,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
-from spava_ds import (MeshLayout, SpavaConfig, dense_causal_attention, make_layout,  # noqa: E402
+from spava_ds import (MeshLayout, SpavaConfig, dense_causal_attention, entry, make_layout,  # noqa: E402
                       reference_attention, sp_attention)
-from spava_ds.comm import init_distributed, init_mesh  # noqa: E402
+from spava_ds.comm import init_mesh  # noqa: E402
+from spava_ds.config import MESH_MODES  # noqa: E402
 
 log = logging.getLogger("spava_ds.demo")
 
@@ -68,7 +68,7 @@ def timed(fn, device, repeat):
     return out, min(times)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context-len", type=int, default=8192, help="context tokens before the question")
     p.add_argument("--query-len", type=int, default=48, help="question tokens")
@@ -78,16 +78,25 @@ def main():
     p.add_argument("--anchor-len", type=int, default=None, help="default: the paper's rule on the context length")
     p.add_argument("--passing-len", type=int, default=None, help="default: the paper's rule on the context length")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--mode", default="spava", choices=["spava", "ring"], help="ring: exact attention")
+    p.add_argument("--mode", default="spava", choices=MESH_MODES, help="ring: exact attention")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="ranks per intra group (node) of the two-dimensional mode; 1: flat over all ranks")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeat", type=int, default=3, help="timed runs (the best is reported)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    entry.add_arguments(p)
+    return p
 
-    rank, world = init_distributed() if "RANK" in os.environ else (0, 1)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return entry.run_main(demo, args)
+
+
+def demo(args) -> None:
+    """Spava on the ranks against the reference and dense attention on rank 0; rank 0 prints the errors and times."""
+    rank, world = entry.init_distributed(args)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core per rank: W ranks use W cores, dense uses one
@@ -119,7 +128,7 @@ def main():
         full = layout.unshard(gathered).float()
         dense, dense_s = timed(lambda: dense_causal_attention(q, k, v), device, args.repeat)
         dense = dense.float()
-        ref = dense if args.mode == "ring" else _reference(q, k, v, layout).float()
+        ref = dense if config.mode_spec.exact else _reference(q, k, v, layout).float()
         ctx = args.context_len
         rel = ((full[:, :ctx] - dense[:, :ctx]).norm() / dense[:, :ctx].norm()).item()
         print(f"spava_ds demo: {args.mode} on {world} rank(s) ({layout}), context {ctx} + question "
@@ -130,10 +139,7 @@ def main():
               "  (exact by design)")
         print(f"  relative error vs dense, context  : {rel:.2e}  (the approximation)")
         print(f"  time: {args.mode} on {world} process(es) {spava_s * 1e3:.1f} ms, dense on one {dense_s * 1e3:.1f} ms")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds import SpavaConfig, comm, entry  # noqa: E402
 from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,24 +199,24 @@ def write_record(out, record: dict) -> None:
 
 
 def evaluate(args) -> None:
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = entry.init_distributed(args)
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(args.seed)
-    # decided by every rank before the barrier below, after which rank 0 may create the file
+    # decided by every rank before the agreement below, after which rank 0 may create the file
     resume = bool(args.resume and args.out and os.path.exists(args.out))
-    if rank == 0:
+    with entry.agreed("preparing SmolLM2 on rank 0"):  # the others wait for its cache
+        if rank == 0:
+            smollm2_dir(args.cache_dir, args.gguf)
+    with entry.agreed("loading SmolLM2"):
         model_dir = smollm2_dir(args.cache_dir, args.gguf)
-    if world > 1:
-        dist.barrier()
-    model_dir = smollm2_dir(args.cache_dir, args.gguf)
-    if args.prepare:
-        print(f"SmolLM2-135M-Instruct ready in {model_dir}")
-        return
+        if args.prepare:
+            print(f"SmolLM2-135M-Instruct ready in {model_dir}")
+            return
+        # fp32 by default, also on GPUs: the comparison with dense should show the approximation, not bf16 rounding.
+        base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF,
+                                           dtype=getattr(torch, args.dtype))
     worlds = args.simulate or [world]  # several simulated world sizes share one dense run per case
-    # fp32 by default, also on GPUs: the comparison with dense should show the approximation, not bf16 rounding.
-    base = SpavaEngine.from_pretrained(model_dir, SpavaConfig(mode="dense"), group=comm.SELF,
-                                       dtype=getattr(torch, args.dtype))
     tokenizer = base.tokenizer
     engines = method_engines(base, args, rank, world, worlds)  # one copy of the weights serves every method
     rng = random.Random(args.seed)
@@ -378,6 +378,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summarize", nargs="+", help="summarize results .jsonl files instead of evaluating")
     p.add_argument("--table", help="with --summarize: write the markdown table here")
     p.add_argument("--plot", help="with --summarize: write a PNG plot of accuracy against length here")
+    entry.add_arguments(p)
 
 
 def main(argv=None):
@@ -402,8 +403,7 @@ def main(argv=None):
     if args.summarize:
         print(summarize(args.summarize, args.table, args.plot))
         return 0
-    evaluate(args)
-    return 0
+    return entry.run_main(evaluate, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # shared with the text NIAH study
 from eval_niah import (METHODS, add_common_args, against_dense, finish_run, method_engines, plot_accuracy,  # noqa: E402
                        run_methods, write_record)
-from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds import SpavaConfig, comm, entry  # noqa: E402
 from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
 from spava_ds.tasks import TASKS, load_records  # noqa: E402
 from spava_ds.training import exact_match  # noqa: E402
@@ -55,16 +55,17 @@ def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
 
 
 def evaluate(args) -> None:
-    rank, world = comm.init_distributed() if "RANK" in os.environ else (0, 1)
+    rank, world = entry.init_distributed(args)
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
     torch.manual_seed(0)
     w = args.simulate or world
-    cases = load_cases(args.tests, args.limit)
-    max_frames = args.max_frames or max(int(c.get("frames", 0)) for c in cases) or None
-    # dense preprocesses every video once; one copy of the weights serves every method
-    base = SpavaEngine.from_pretrained(args.model, SpavaConfig(mode="dense"), group=comm.SELF,
-                                       dtype=getattr(torch, args.dtype))
+    with entry.agreed("reading the test files and the model"):  # a file one rank lacks stops every rank
+        cases = load_cases(args.tests, args.limit)
+        max_frames = args.max_frames or max(int(c.get("frames", 0)) for c in cases) or None
+        # dense preprocesses every video once; one copy of the weights serves every method
+        base = SpavaEngine.from_pretrained(args.model, SpavaConfig(mode="dense"), group=comm.SELF,
+                                           dtype=getattr(torch, args.dtype))
     engines = method_engines(base, args, rank, world, [w], base.settings)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     out = None
@@ -162,8 +163,7 @@ def main(argv=None) -> int:
         return 0
     if not args.model or not args.tests:
         p.error("--model and --tests are required (or --summarize)")
-    evaluate(args)
-    return 0
+    return entry.run_main(evaluate, args)
 
 
 if __name__ == "__main__":

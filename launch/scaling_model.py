@@ -408,7 +408,7 @@ def run_measure(args) -> int:
                rank=args.rank, calibration=measure_calibration(shape, args.calibration_tokens, args.copy_mib,
                                                               device, dtype, timer), shares=[])
     _write(args.out, out)
-    with bench_host.no_collectives():
+    with bench_host.alone():
         for tokens in args.tokens:
             for mode in args.configs:
                 if time.perf_counter() - start > args.time_budget:

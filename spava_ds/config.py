@@ -4,14 +4,56 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Mapping, Optional, Sequence, Union
 
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What one attention mode is. Every place where the mode matters reads it from ``MODE_TABLE``.
+
+    Attributes:
+        layout: ``"zigzag"`` (2W blocks, rank r holds blocks r and 2W-1-r) or ``"contiguous"`` (W blocks, rank r
+            holds block r).
+        passing: what a block sees of the earlier blocks: ``"topk"`` (each block's query-aware top-k keys),
+            ``"whole"`` (every key: exact), ``"none"`` (the mode does not pass blocks).
+        schedule: who computes what: ``"blocks"`` (the block schedule of ``attention.py``), ``"heads"`` (Ulysses:
+            all-to-alls give every rank the whole sequence for W-th of the heads), ``"local"`` (one process).
+        anchor: the default anchor: ``"rule"`` (``default_anchor_len``, capped at one block) or ``"block"`` (a whole
+            block, as Star Attention has it).
+        passing_scale: the default top-k budget as a multiple of ``default_passing_len`` (0: nothing is passed
+            unless ``passing_len`` is set).
+        exact: the mode computes dense causal attention.
+        needs_query: the mode needs a query block (its selection scores keys against the query).
+        mesh: the mode runs on the inter groups of the two-dimensional mode (``SpavaConfig.ulysses_degree > 1``):
+            the block schedule does; ulysses is head-parallel already, dense is one process.
+    """
+
+    layout: str
+    passing: str
+    schedule: str
+    anchor: str
+    passing_scale: int
+    exact: bool
+    needs_query: bool
+    mesh: bool
+
+
 # spava: the approximation. ring, ulysses: exact sequence parallelism in the same layout. dense: one process.
-# star, apb: baselines for benchmarks (one contiguous block per rank; star has no passing, apb no zigzag).
-MODES = ("spava", "ring", "ulysses", "dense", "star", "apb")
-CONTIGUOUS_MODES = ("star", "apb")
-# Modes that run on the inter groups of the two-dimensional mode (SpavaConfig.ulysses_degree > 1).
-MESH_MODES = ("spava", "ring", "star", "apb")
+# star, apb: baselines for benchmarks (one contiguous block per rank; star passes nothing, apb has no zigzag and
+# twice Spava's budget per block, which keeps the per-rank total).
+MODE_TABLE = {
+    #               layout        passing  schedule  anchor   scale  exact  needs_query  mesh
+    "spava":   Mode("zigzag",     "topk",  "blocks", "rule",  1,     False, True,        True),
+    "ring":    Mode("zigzag",     "whole", "blocks", "rule",  0,     True,  False,       True),
+    "ulysses": Mode("zigzag",     "none",  "heads",  "rule",  0,     True,  False,       False),
+    "dense":   Mode("zigzag",     "none",  "local",  "rule",  0,     True,  False,       False),
+    "star":    Mode("contiguous", "topk",  "blocks", "block", 0,     False, True,        True),
+    "apb":     Mode("contiguous", "topk",  "blocks", "rule",  2,     False, True,        True),
+}  # noqa: E241
+MODES = tuple(MODE_TABLE)
+CONTIGUOUS_MODES = tuple(m for m, spec in MODE_TABLE.items() if spec.layout == "contiguous")
+MESH_MODES = tuple(m for m, spec in MODE_TABLE.items() if spec.mesh)  # those that run 2-D
 # "auto" picks per device (see kernels.auto_backend); "math" is plain PyTorch and runs anywhere.
 BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn")
 
@@ -32,8 +74,32 @@ def default_passing_len(context_len: int) -> int:
     return _round_up_128(context_len // 128)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def as_int(x: Any) -> Optional[int]:
+    """``x`` as a Python int when it is an integral number (int, numpy or 0-d torch integer), else None.
+
+    Booleans are not numbers here."""
+    if isinstance(x, bool) or "bool" in str(getattr(x, "dtype", "")):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _length_rule(name: str, value: Any, per_layer: bool) -> Union[LengthRule, tuple]:
+    """A validated length rule: None/"auto", an int >= 0, or (``per_layer``) a tuple of ints >= 0."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    n = as_int(value)
+    if n is not None and n >= 0:
+        return n
+    if per_layer and isinstance(value, (list, tuple)):
+        layers = [as_int(x) for x in value]
+        if layers and all(x is not None and x >= 0 for x in layers):
+            return tuple(layers)
+        raise ValueError(f"SpavaConfig.{name} as a per-layer list must hold ints >= 0 (one per layer), got {value!r}")
+    kinds = "None, 'auto', an int >= 0 or a list of ints >= 0" if per_layer else "None, 'auto' or an int >= 0"
+    raise ValueError(f"SpavaConfig.{name} must be {kinds}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +107,10 @@ class SpavaConfig:
     """Configuration of Spava attention.
 
     Args:
-        mode: attention mode, one of ``MODES``: ``"spava"`` (approximate, sequence parallel), ``"ring"`` and
-            ``"ulysses"`` (exact, sequence parallel), ``"dense"`` (exact, one process), ``"star"`` and ``"apb"``
-            (baselines: one contiguous block per rank; star's anchor is a whole block and nothing is passed).
+        mode: attention mode, one of ``MODES`` (described by ``MODE_TABLE``): ``"spava"`` (approximate, sequence
+            parallel), ``"ring"`` and ``"ulysses"`` (exact, sequence parallel), ``"dense"`` (exact, one process),
+            ``"star"`` and ``"apb"`` (baselines: one contiguous block per rank; star's anchor is a whole block and
+            nothing is passed).
         anchor_len: ``None``/``"auto"`` for the default rule (``default_anchor_len``, capped at one block so short
             inputs still split) or an int >= 0 that overrides it.
         passing_len: top-k budget per virtual host per layer: ``None``/``"auto"`` for the default rule, an int >= 0,
@@ -53,8 +120,12 @@ class SpavaConfig:
         overlap: overlap the passing-block all-gathers with computation (off only for ablations).
         ulysses_degree: ranks per intra group of the two-dimensional mode (``MeshLayout``): Ulysses (all-to-all
             over heads) inside each group of this many consecutive ranks (a node), the zigzag ``mode`` over the
-            W / ulysses_degree groups. 1 (the default) is the flat layout over all W ranks. Modes ``spava``,
-            ``ring``, ``star`` and ``apb`` only (``ulysses`` is head-parallel already, ``dense`` one process).
+            W / ulysses_degree groups. 1 (the default) is the flat layout over all W ranks. Only the modes
+            whose ``MODE_TABLE`` row has ``mesh`` (``MESH_MODES``: the block schedule; ``ulysses`` is head-parallel
+            already, ``dense`` one process).
+
+    Integral numbers of any kind (numpy, 0-d torch tensors) are taken as Python ints. ``config.mode_spec`` is the
+    mode's ``Mode`` row.
     """
 
     mode: str = "spava"
@@ -70,24 +141,20 @@ class SpavaConfig:
             raise ValueError(f"SpavaConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SpavaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not (self.anchor_len in (None, "auto") or (_is_int(self.anchor_len) and self.anchor_len >= 0)):
-            raise ValueError(f"SpavaConfig.anchor_len must be None, 'auto' or an int >= 0, got {self.anchor_len!r}")
-        p = self.passing_len
-        if isinstance(p, (list, tuple)):
-            if not p or not all(_is_int(x) and x >= 0 for x in p):
-                raise ValueError(
-                    f"SpavaConfig.passing_len as a per-layer list must hold ints >= 0 (one per layer), got {p!r}")
-            object.__setattr__(self, "passing_len", tuple(p))
-        elif not (p in (None, "auto") or (_is_int(p) and p >= 0)):
-            raise ValueError(
-                f"SpavaConfig.passing_len must be None, 'auto', an int >= 0 or a list of ints >= 0, got {p!r}")
-        if not (_is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1):
+        object.__setattr__(self, "anchor_len", _length_rule("anchor_len", self.anchor_len, per_layer=False))
+        object.__setattr__(self, "passing_len", _length_rule("passing_len", self.passing_len, per_layer=True))
+        pool = as_int(self.pool_kernel)
+        if pool is None or pool < 1 or pool % 2 == 0:
             raise ValueError(f"SpavaConfig.pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
+        object.__setattr__(self, "pool_kernel", pool)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"SpavaConfig.overlap must be True or False, got {self.overlap!r}")
-        if not (_is_int(self.ulysses_degree) and self.ulysses_degree >= 1):
+        object.__setattr__(self, "mode_spec", MODE_TABLE[self.mode])  # not a field: read on every call
+        degree = as_int(self.ulysses_degree)
+        if degree is None or degree < 1:
             raise ValueError(f"SpavaConfig.ulysses_degree must be an int >= 1, got {self.ulysses_degree!r}")
-        if self.ulysses_degree > 1 and self.mode not in MESH_MODES:
+        object.__setattr__(self, "ulysses_degree", degree)
+        if degree > 1 and not self.mode_spec.mesh:
             raise ValueError(f"SpavaConfig.ulysses_degree > 1 (the two-dimensional mode) needs a mode in {MESH_MODES}, "
                              f"got {self.mode!r}")
 
@@ -119,15 +186,26 @@ class SpavaConfig:
             d["passing_len"] = list(d["passing_len"])
         return d
 
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise ``ValueError`` unless a per-layer ``passing_len`` has one entry per layer of the model.
+
+        Engines and training loops call it once they know the model, so that a wrong list fails before the forward
+        instead of at the first layer without an entry.
+        """
+        p = self.passing_len
+        if isinstance(p, tuple) and len(p) != num_layers:
+            raise ValueError(f"SpavaConfig.passing_len has {len(p)} per-layer budgets, but the model has {num_layers} "
+                             "attention layers: give one budget per layer (or one int for all)")
+
     def resolve_anchor_len(self, context_len: int, world_size: int) -> int:
         """Anchor length for a context of ``context_len`` tokens over ``world_size`` ranks.
 
         An explicit int is taken as is (the layout checks it fits). The default rule is capped at
         ``context_len // (2W + 1)`` so that the anchor never outweighs a block on short inputs.
         """
-        if _is_int(self.anchor_len):
+        if isinstance(self.anchor_len, int):
             return self.anchor_len
-        if self.mode == "star":  # Star Attention: the anchor is a whole block
+        if self.mode_spec.anchor == "block":  # Star Attention: the anchor is a whole block
             return context_len // (world_size + 1)
         return min(default_anchor_len(context_len), context_len // (2 * world_size + 1))
 
@@ -141,10 +219,6 @@ class SpavaConfig:
                 raise ValueError(
                     f"layer_idx {layer_idx} is outside the per-layer passing_len list of length {len(p)}")
             return p[layer_idx]
-        if _is_int(p):
+        if isinstance(p, int):
             return p
-        if self.mode == "star":
-            return 0
-        if self.mode == "apb":  # one block per rank instead of two: twice the budget keeps the per-rank total
-            return 2 * default_passing_len(context_len)
-        return default_passing_len(context_len)
+        return self.mode_spec.passing_scale * default_passing_len(context_len)

@@ -2,8 +2,9 @@
 
 One question, every rank alike (the anchor and the query are replicated, so every rank runs the same code):
 
-1. the video is decoded and sampled (``video.py``), preprocessed into patches, and encoded frame-parallel: each rank
-   runs the vision tower on about 1/W of the temporal steps and the features are all-gathered;
+1. every rank plans the video from the container's metadata (``video.py``: sampled frames, size, grid; the prompt
+   and the positions need nothing more), then decodes and preprocesses (on its GPU) only the frames of its own
+   temporal steps, about 1/W of them, runs the vision tower on them, and the features are all-gathered;
 2. the prompt is ``[system, <vision_start>, video tokens, <vision_end>]`` (the context) then
    ``[question, <im_end>, assistant prefix]`` (the query); M-RoPE positions are computed on the whole sequence;
 3. ids, embeddings and positions are sharded with ``ZigzagLayout`` (``MeshLayout`` in the two-dimensional mode,
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import os
 import time
 from typing import List, Optional
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from . import comm
 from .config import SpavaConfig
 from .layout import MeshLayout, ZigzagLayout, make_layout
+from .video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .integrations.transformers import spava_attn_implementation, spava_session, text_decoder
 
 log = logging.getLogger("spava_ds.engine")
@@ -41,6 +45,16 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
 
+    def __post_init__(self):
+        # checked where it is made, identically on every rank: a bad value must not reach rank 0's sampler alone
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
+
 
 @dataclasses.dataclass
 class Answer:
@@ -50,6 +64,9 @@ class Answer:
     query_tokens: int
     prefill_seconds: float
     first_logits: torch.Tensor  # logits of the first generated token (fp32, CPU)
+    # seconds of the prefill's parts: "wait" (for the other ranks, before the prefill starts), "vision" (vision
+    # tower, all-gather and embeddings), "lm" (language-model prefill), "first_token" (head, sampling, broadcast)
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator) -> int:
@@ -81,6 +98,7 @@ class SpavaEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, config: Optional[SpavaConfig] = None, group=None,
                  settings: Optional[dict] = None, fused_vision: bool = True, simulate_world: Optional[int] = None):
         self.config = config if config is not None else SpavaConfig()
+        self.config.check_num_layers(len(text_decoder(model).layers))
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
         if simulate_world is not None and self.world != 1:
@@ -150,39 +168,77 @@ class SpavaEngine:
     def _ids(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def video_inputs(self, video_path: str, question: str, fps: Optional[float] = None,
-                     max_frames: Optional[int] = None) -> dict:
-        """Frames -> patches, the prompt's ids split into context and query, and the global M-RoPE positions."""
-        from .video import preprocess_video, read_video, resize_frames
+    def video_plan(self, video_path: str, fps: Optional[float] = None, max_frames: Optional[int] = None):
+        """The ``VideoPlan`` of a video file (sampled frames, size, grid) under this checkpoint's settings, from the
+        container's metadata alone. ``fps``/``max_frames`` override the settings; 0 or less is an error."""
+        from .video import plan_video
 
         if not self.is_video_model:
             raise ValueError("this checkpoint has no vision tower: it cannot answer questions about a video")
-        _check_question(question)
         vcfg = self.model.config.vision_config
-        frames, info = read_video(video_path, fps=fps or self.settings.get("fps"),
-                                  max_frames=max_frames or self.settings.get("max_frames"))
-        steps = frames.shape[0] // vcfg.temporal_patch_size
-        if steps < self.world:
-            raise ValueError(f"video {video_path!r} gives {frames.shape[0]} frames after sampling: at least "
-                             f"{vcfg.temporal_patch_size * self.world} are needed for {self.world} ranks "
-                             "(raise --fps or --max-frames, or use fewer processes)")
-        frames = resize_frames(frames, self.settings.get("min_pixels", 4 * 28 * 28),
-                               self.settings.get("max_pixels", 64 * 28 * 28),
-                               factor=vcfg.patch_size * vcfg.spatial_merge_size)
-        pixel_values, grid_thw = preprocess_video(frames, patch_size=vcfg.patch_size,
-                                                  temporal_patch_size=vcfg.temporal_patch_size,
-                                                  merge_size=vcfg.spatial_merge_size)
-        n_video = int(grid_thw.prod()) // vcfg.spatial_merge_size ** 2
+        return plan_video(video_path, fps=fps if fps is not None else self.settings.get("fps"),
+                          max_frames=max_frames if max_frames is not None else self.settings.get("max_frames"),
+                          min_pixels=self.settings.get("min_pixels", 4 * 28 * 28),
+                          max_pixels=self.settings.get("max_pixels", 64 * 28 * 28), patch_size=vcfg.patch_size,
+                          temporal_patch_size=vcfg.temporal_patch_size, merge_size=vcfg.spatial_merge_size,
+                          image_mean=self.settings.get("image_mean", OPENAI_CLIP_MEAN),
+                          image_std=self.settings.get("image_std", OPENAI_CLIP_STD))
+
+    def video_prompt(self, video_grid_thw: torch.Tensor, second_per_grid_t: float, question: str) -> dict:
+        """The prompt of one video and a question: ids split into context and query, and the global M-RoPE
+        positions (they need only the grid and the seconds per temporal step)."""
+        _check_question(question)
         cfg = self.model.config
+        n_video = int(video_grid_thw.prod()) // cfg.vision_config.spatial_merge_size ** 2
         context = (self._ids(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
                    + [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id])
         query = self._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
         input_ids = torch.tensor([context + query])
         mm_types = (input_ids == cfg.video_token_id).int() * 2
-        positions, _ = self.model.model.get_rope_index(input_ids, mm_types, video_grid_thw=grid_thw,
-                                                       second_per_grid_ts=torch.tensor([info["second_per_grid_t"]]))
+        positions, _ = self.model.model.get_rope_index(input_ids, mm_types, video_grid_thw=video_grid_thw,
+                                                       second_per_grid_ts=torch.tensor([second_per_grid_t]))
         return dict(input_ids=input_ids, position_ids=positions, context_len=len(context), query_len=len(query),
-                    pixel_values_videos=pixel_values, video_grid_thw=grid_thw, frames=frames.shape[0])
+                    video_grid_thw=video_grid_thw)
+
+    def video_inputs(self, video_path: str, question: str, fps: Optional[float] = None,
+                     max_frames: Optional[int] = None, timings: Optional[dict] = None) -> dict:
+        """The prompt, positions and this rank's patches of a video question.
+
+        Every rank plans the video from the container's metadata (``video_plan``: the prompt and the positions
+        need nothing else), then decodes and preprocesses only the frames of its ``temporal_range`` for the
+        frame-parallel vision tower, on this engine's device (the CPU inside a DataLoader worker).
+        ``pixel_values_videos`` holds the rows of the steps ``video_steps``. With W > 1, frames that do not
+        decode are reported in ``video_error`` rather than raised here, and every rank raises them together before
+        the vision all-gather (``video_features``). ``timings`` (optional) gets the seconds of each part.
+        """
+        from .integrations.qwen_vision import temporal_range
+        from .video import VideoError, video_pixels
+
+        _check_question(question)
+        clock = time.perf_counter()
+        plan = self.video_plan(video_path, fps, max_frames)
+        if plan.num_steps < self.world:
+            raise ValueError(f"video {video_path!r} gives {len(plan.frame_indices)} frames after sampling: at "
+                             f"least {plan.temporal_patch_size * self.world} are needed for {self.world} ranks "
+                             "(raise --fps or --max-frames, or use fewer processes)")
+        metadata_done = time.perf_counter()
+        inputs = self.video_prompt(torch.tensor([plan.grid_thw]), plan.second_per_grid_t, question)
+        prompt_done = time.perf_counter()
+        steps = temporal_range(plan.num_steps, self.rank, self.world)
+        # CUDA cannot be used in a (forked) DataLoader worker: preprocess on the CPU there.
+        device = self.device if torch.utils.data.get_worker_info() is None else torch.device("cpu")
+        parts = {}
+        pixels, error = None, None
+        try:
+            pixels = video_pixels(plan, *steps, device=device, timings=parts if timings is not None else None)
+        except VideoError as err:
+            if self.world == 1:
+                raise
+            error = str(err)
+        if timings is not None:
+            timings.update(metadata=metadata_done - clock, prompt=prompt_done - metadata_done, **parts)
+        return dict(inputs, pixel_values_videos=pixels, video_plan=plan, video_steps=steps, video_error=error,
+                    frames=len(plan.frame_indices))
 
     def text_inputs(self, context: str, question: str) -> dict:
         """A text prompt: ``context`` (e.g. a long document) then the question and the assistant prefix."""
@@ -204,13 +260,9 @@ class SpavaEngine:
         embed = text_decoder(self.model).embed_tokens
         embeds = embed(local_ids)
         if "pixel_values_videos" in inputs:
-            pixels = inputs["pixel_values_videos"].to(self.device, self.dtype)
-            grid = inputs["video_grid_thw"].to(self.device)
-            visual = self.model.model.visual
-            from .integrations.qwen_vision import encode_video, frame_parallel_vision
+            from .integrations.qwen_vision import video_features
 
-            features = (frame_parallel_vision(visual, pixels, grid, group=self.group) if self.world > 1
-                        else encode_video(visual, pixels, grid))
+            features = video_features(self.model.model.visual, inputs, self.group, self.device, self.dtype)
             is_video = ids == self.model.config.video_token_id
             order = self._shard(torch.cumsum(is_video, dim=1) - 1, layout).to(self.device)
             local_video = self._shard(is_video, layout).to(self.device)
@@ -224,6 +276,14 @@ class SpavaEngine:
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         dist.broadcast(t, src=src, group=self.group)
         return int(t.item())
+
+    def _mark(self):
+        """A point in time on this rank's device: a CUDA event (no synchronisation), else the wall clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -241,19 +301,26 @@ class SpavaEngine:
         positions = inputs["position_ids"]
         local_pos = self._shard(positions, layout, dim=positions.dim() - 1).to(self.device)
         generator = torch.Generator().manual_seed(gen.seed)
+        waiting = time.perf_counter()
         self._sync()
         start = time.perf_counter()
+        marks = [self._mark()]
         keep_cache = gen.max_new_tokens > 1  # a one-token answer needs no KV cache
         group = self.mesh if self.mesh is not None else self.group
         with spava_session(layout, self.config, group, keep_cache, simulate=bool(self.simulate_world)) as session:
             embeds = self._local_embeddings(inputs, layout)
+            marks.append(self._mark())
             hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False).last_hidden_state
+            marks.append(self._mark())
             first_logits = lm_head(hidden[:, -1]).float()[0]
             if isinstance(layout, MeshLayout):  # one rank holds the query's last token: it sends the logits
                 dist.broadcast(first_logits, src=layout.last_token_rank())
             token = self._broadcast(_sample(first_logits, gen, generator) if self.rank == 0 else -1)
+            marks.append(self._mark())
             self._sync()
             prefill_seconds = time.perf_counter() - start
+            timings = dict(wait=start - waiting, **{name: _elapsed(a, b) for name, a, b in
+                                                    zip(("vision", "lm", "first_token"), marks, marks[1:])})
             tokens = [token]
             if keep_cache:
                 session.decode()
@@ -269,15 +336,22 @@ class SpavaEngine:
                 tokens.append(self._broadcast(_sample(logits, gen, generator) if self.rank == 0 else -1))
         text_tokens = [t for t in tokens if t not in self.stop_ids]
         return Answer(self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(), tokens,
-                      inputs["context_len"], inputs["query_len"], prefill_seconds, first_logits.cpu())
+                      inputs["context_len"], inputs["query_len"], prefill_seconds, first_logits.cpu(), timings)
 
     def answer(self, video_path: str, question: str, gen: Optional[GenerationConfig] = None,
                fps: Optional[float] = None, max_frames: Optional[int] = None) -> Answer:
         return self.generate(self.video_inputs(video_path, question, fps, max_frames), gen)
 
 
+def _elapsed(a, b) -> float:
+    """Seconds between two ``SpavaEngine._mark`` points (after a synchronisation, for CUDA events)."""
+    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+
 def _check_question(question: str) -> None:
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a string, got {type(question).__name__} {question!r}")
+    if not question.strip():
         raise ValueError("the question is empty: pass --question \"...\"")
 
 

@@ -7,7 +7,8 @@ sets are combined exactly by ``merge``.
 
 Backends: ``math`` (plain PyTorch, fp32 accumulation, any device), ``cpu_flash`` (aten's flash kernel for CPU,
 native GQA), ``cudnn``, ``sdpa_flash`` and ``sdpa_efficient`` (the SDPA ops that return the LSE on CUDA; the
-last one also takes fp32), ``flash_attn`` (the flash-attn package, when installed).
+last one also takes fp32), ``flash_attn`` (the flash-attn package, when installed). ``dense_causal_attention`` is
+exact causal attention over a whole sequence (SDPA): mode ``dense``, Ulysses' local attention, and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import math
 import os
 import types
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -130,6 +131,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
     if backend == "auto":
         backend = auto_backend(q.device, q.dtype)
     return _BACKENDS[backend](q, k, v, causal, scale)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """Exact causal attention over the whole sequence ([b, s, h, d] in and out, GQA native), via SDPA."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 # ---- backward -------------------------------------------------------------------------------------------------
@@ -274,6 +284,12 @@ def _merge_pair_for(o1: torch.Tensor, o2: torch.Tensor, out_dtype: torch.dtype):
         _compiled_merges[key] = (code_copy, torch.compile(code_copy, dynamic=True, fullgraph=True,
                                                           backend=COMPILE_BACKEND))
     return _compiled_merges[key][1]
+
+
+def compiled_merges() -> Dict[tuple, Callable]:
+    """The pairwise merges compiled so far: signature (dtypes, contiguity) -> the function dynamo compiled (its own
+    code copy, whose cache entries are that signature's compiled variants)."""
+    return {key: code_copy for key, (code_copy, _) in _compiled_merges.items()}
 
 
 def _pair(o1, l1, o2, l2, out_dtype) -> AttnOut:

@@ -1,7 +1,9 @@
 """Single-process simulation of Spava over the 2W virtual hosts: the ground truth for tests and accuracy studies.
 
 It works on full-sequence tensors in global order, walks the virtual hosts one by one with explicit masks and
-plain PyTorch, and never communicates, so it runs at any W on one device.
+plain PyTorch, and never communicates, so it runs at any W on one device. Production code imports it only for the
+explicit simulate mode (``spava_session(..., simulate=True)``); the exact oracle, dense causal attention, lives in
+``kernels.py``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import SpavaConfig
+from .kernels import dense_causal_attention  # noqa: F401 - the exact oracle, kept importable from here
 from .layout import ZigzagLayout
 from .select import query_summary, select_passing
 
@@ -32,14 +34,6 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.einsum("bhgqk,bkhd->bqhgd", probs, v.to(acc)).reshape(b, sq, hq, d).to(q.dtype)
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale: Optional[float] = None) -> torch.Tensor:
-    """Exact causal attention over the whole sequence ([b, s, h, d] in and out), via SDPA."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
-
-
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ZigzagLayout,
                         config: Optional[SpavaConfig] = None, layer_idx: Optional[int] = None,
                         scale: Optional[float] = None) -> torch.Tensor:
@@ -49,6 +43,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     ``[b, L + lq, Hq, d]``; ``layout.shard(out, r)`` is what rank r's ``spava_attention`` returns.
     """
     config = config if config is not None else layout.config
+    if config.mode_spec.passing != "topk":
+        raise ValueError(f"reference_attention simulates the modes that pass top-k keys (spava, star, apb); mode "
+                         f"{config.mode!r} is exact: compare it with dense_causal_attention")
     if q.shape[1] != layout.total_len:
         raise ValueError(f"reference_attention: got {q.shape[1]} tokens, the layout has {layout.total_len}")
     if layout.query_len == 0:

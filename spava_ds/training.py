@@ -76,6 +76,7 @@ class VideoQAModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        config.check_num_layers(len(text_decoder(model).layers))
         self.set_group(group)
 
     def set_group(self, group) -> None:
@@ -87,16 +88,13 @@ class VideoQAModel(torch.nn.Module):
 
     def _embeddings(self, sample: Dict, layout: ZigzagLayout, device, dtype) -> torch.Tensor:
         """This rank's input embeddings, video tokens replaced by the frame-parallel vision features."""
-        from .integrations.qwen_vision import encode_video, frame_parallel_vision
+        from .integrations.qwen_vision import video_features
 
         ids = sample["input_ids"]
         embeds = text_decoder(self.model).embed_tokens(layout.shard(ids, self.rank).to(device))
-        pixels = sample["pixel_values_videos"].to(device, dtype)
-        grid = sample["video_grid_thw"].to(device)
-        visual = self.model.model.visual
-        # Each rank encodes ~1/W of the temporal steps; the all-gather's backward sums the feature gradients.
-        features = (frame_parallel_vision(visual, pixels, grid, group=self.group) if self.world > 1
-                    else encode_video(visual, pixels, grid))
+        # Each rank encodes ~1/W of the temporal steps (the sample holds only its own frames); the all-gather's
+        # backward sums the feature gradients.
+        features = video_features(self.model.model.visual, sample, self.group, device, dtype)
         is_video = ids == self.model.config.video_token_id
         order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(device)
         local_video = layout.shard(is_video, self.rank).to(device)

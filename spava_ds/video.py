@@ -1,27 +1,44 @@
-"""Video input for Qwen2.5-VL-style models: decode and sample frames (PyAV), resize to the model's pixel budget, and
-turn frames into the vision tower's flat patches, without torchvision.
+"""Video input for Qwen2.5-VL-style models: plan from the container's metadata, decode only the frames a rank needs
+(PyAV), resize to the model's pixel budget and turn frames into the vision tower's flat patches in torch, on any
+device, without torchvision.
 
-The rules follow transformers' `Qwen2VLVideoProcessor` (which Qwen2.5-VL uses) so that this path and the Hugging
-Face processor give the same tensors:
+The pipeline of a sequence-parallel job (``SpavaEngine.video_inputs``):
+
+* ``plan_video`` (every rank, no decoding): ``read_metadata`` scans the packets (size, frame rate, duration, frame
+  count, keyframe index, a truncated file's missing end) and the ``VideoPlan`` holds the sampled frames, the resized
+  size and the grid, hence the token count and the seconds per temporal step (the prompt and the M-RoPE positions);
+* ``video_pixels(plan, first_step, stop_step, device)`` (each rank, its own temporal steps): ``iter_frames`` seeks
+  to the keyframe at or before the first frame and decodes with FFmpeg's threads up to the last, then
+  ``preprocess_frames`` resizes, normalises and patchifies in torch on the rank's GPU.
+
+The whole-video functions (``read_video``, ``resize_frames``, ``preprocess_video``) are the previous path and the
+reference of the tests. The rules follow transformers' ``Qwen2VLVideoProcessor`` (which Qwen2.5-VL uses), so that
+these paths and the Hugging Face processor give the same tensors:
 
 * sampling: `fps` frames per second (default 2), at least `min_frames` (4) and at most `max_frames` (768), rounded
   down to a multiple of the temporal patch (2), indices spread uniformly over the whole video;
 * resizing: `smart_resize` (sides multiples of 28, pixels within [min_pixels, max_pixels]) with antialiased bicubic
-  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU;
+  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU (on a GPU: in float,
+  rounded to whole grey levels, as torchvision does there);
 * patchify: rescale and normalise with the CLIP mean/std, then the (t, h/2, w/2, 2, 2) patch order the vision
   tower's 2x2 merger expects; an odd frame count is padded by repeating the last frame.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import json
 import math
 import os
+import time
 from fractions import Fraction
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # CLIP normalisation constants (same values as transformers.image_utils.OPENAI_CLIP_MEAN/STD; a test checks that).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -140,13 +157,10 @@ def read_video(path: str | os.PathLike, fps: float | None = None, max_frames: in
     (a one-frame video gives that frame repeated, as the HF processor pads); `info` holds `source_fps`,
     `duration` (s), `num_source_frames`, `indices`, `timestamps` (s, of the kept frames), `sampled_fps` and
     `second_per_grid_t` (seconds per temporal patch: Qwen2.5-VL's `second_per_grid_ts` for M-RoPE), `width`, `height`.
-    Raises VideoError for a missing, unreadable or corrupt file, one without a video stream, or without frames.
+    Raises VideoError for a missing, unreadable or corrupt file, one without a video stream, or without frames, and
+    when fewer frames decode than the container announces (a truncated file).
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VideoError(f"video file not found: {path!r}")
-    if not os.path.isfile(path):
-        raise VideoError(f"video path is not a file: {path!r}")
+    path = _check_path(path)
     fps = DEFAULT_FPS if fps is None else float(fps)
 
     with _open_input(path) as container:
@@ -164,23 +178,18 @@ def read_video(path: str | os.PathLike, fps: float | None = None, max_frames: in
     if total <= 0:
         raise VideoError(f"{path!r} has a video stream but no frames")
 
-    for _attempt in range(2):
-        source_fps = float(rate) if rate else (total / duration if duration else None)
-        if not source_fps:
-            raise VideoError(f"cannot determine the frame rate of {path!r}")
-        indices = sample_frame_indices(total, source_fps, fps, max_frames, min_frames, temporal_patch_size)
-        if not indices:  # a single frame: repeat it to fill one temporal patch, as the HF processor pads
-            indices = [0] * temporal_patch_size
-        kept, times, decoded = _decode_selected(path, indices)
-        if len(kept) == len(set(indices)):
-            break
-        # The container announced more frames than could be decoded (e.g. a truncated file): resample on the real count.
+    source_fps = float(rate) if rate else (total / duration if duration else None)
+    if not source_fps:
+        raise VideoError(f"cannot determine the frame rate of {path!r}")
+    indices = sample_frame_indices(total, source_fps, fps, max_frames, min_frames, temporal_patch_size)
+    if not indices:  # a single frame: repeat it to fill one temporal patch, as the HF processor pads
+        indices = [0] * temporal_patch_size
+    kept, times, decoded = _decode_selected(path, indices)
+    if len(kept) != len(set(indices)):
         if decoded == 0:
             raise VideoError(f"{path!r} has a video stream but no decodable frames")
-        total = decoded
-    else:  # pragma: no cover - the second pass samples within the decoded count
-        raise VideoError(f"cannot decode the sampled frames of {path!r}")
-
+        raise VideoError(f"{path!r} is truncated or corrupt: its metadata promises {total} frames but only "
+                         f"{decoded} decode")
     frames = np.stack([kept[i] for i in indices])
     if duration is None:
         duration = total / source_fps
@@ -201,18 +210,305 @@ def read_video(path: str | os.PathLike, fps: float | None = None, max_frames: in
     return frames, info
 
 
+# --------------------------------------------------------------------------------------------------- metadata, plan
+
+@dataclasses.dataclass(frozen=True)
+class VideoMetadata:
+    """What the container says about its video stream, read without decoding a pixel.
+
+    `frame_pts` holds the presentation timestamp (stream time base) of every frame in presentation order, from the
+    packets; None when the packets carry no usable timestamps (frames are then counted from the start).
+    `keyframes` lists the indices of the frames a decoder can start from (packets flagged as keyframes).
+    """
+    path: str
+    width: int
+    height: int
+    fps: float
+    duration: float
+    num_frames: int
+    frame_pts: Optional[Tuple[int, ...]]
+    keyframes: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    """One video as the model will see it, from metadata alone (the same on every rank): the sampled frames, the
+    resized frame size and the patch grid. The prompt's token count, `video_grid_thw`, `second_per_grid_t` (hence
+    the M-RoPE positions) and each rank's frames all follow from it, before any frame is decoded."""
+    metadata: VideoMetadata
+    frame_indices: Tuple[int, ...]   # sampled frames, a multiple of temporal_patch_size (a 1-frame video repeats it)
+    sampled_fps: float
+    resized_height: int
+    resized_width: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: Tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: Tuple[float, ...] = OPENAI_CLIP_STD
+
+    @property
+    def num_steps(self) -> int:
+        """Temporal grid steps (temporal_patch_size frames each)."""
+        return len(self.frame_indices) // self.temporal_patch_size
+
+    @property
+    def grid_thw(self) -> Tuple[int, int, int]:
+        return (self.num_steps, self.resized_height // self.patch_size, self.resized_width // self.patch_size)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Patch rows (vision-tower inputs) of one temporal step."""
+        _, gh, gw = self.grid_thw
+        return gh * gw
+
+    @property
+    def num_tokens(self) -> int:
+        """Language-model tokens of the video (after the merger)."""
+        return self.num_steps * self.rows_per_step // self.merge_size ** 2
+
+    @property
+    def second_per_grid_t(self) -> float:
+        """Seconds per temporal step: Qwen2.5-VL's `second_per_grid_ts` for the M-RoPE time axis."""
+        return self.temporal_patch_size / self.sampled_fps
+
+    def frames_of_steps(self, first: int, stop: int) -> Tuple[int, ...]:
+        """The frame indices of temporal steps [first, stop)."""
+        if not 0 <= first <= stop <= self.num_steps:
+            raise ValueError(f"steps [{first}, {stop}) are outside the video's {self.num_steps} temporal steps")
+        tp = self.temporal_patch_size
+        return self.frame_indices[first * tp:stop * tp]
+
+
+def _check_path(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoError(f"video file not found: {path!r}")
+    if not os.path.isfile(path):
+        raise VideoError(f"video path is not a file: {path!r}")
+    return path
+
+
+def _declared_seconds(container, stream) -> Optional[float]:
+    """The video stream's duration as the header states it (mp4: the track; Matroska: the track's DURATION tag;
+    else the container's when the video is its only stream), in seconds."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    if container.duration is not None and len(container.streams) == 1:
+        return container.duration / 1e6  # microseconds (AV_TIME_BASE)
+    return None
+
+
+def _scan_packets(container, stream, path: str):
+    """Presentation timestamps and keyframe flags of the complete packets that are shown, how many packets an edit
+    list hides (decoded, never shown), and where the last one ends (seconds)."""
+    av = _import_av()
+    pts, keyframe, end, hidden = [], [], 0.0, 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_corrupt:  # flush packets; a packet cut by the end of the file
+                continue
+            if packet.is_discard:
+                hidden += 1
+                continue
+            pts.append(packet.pts)
+            keyframe.append(packet.is_keyframe)
+            if packet.pts is not None:
+                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+    except av.FFmpegError as err:
+        raise VideoError(f"cannot read video {path!r}: corrupt data after {len(pts)} packets ({err})") from err
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    return pts, keyframe, hidden, end - start
+
+
+def read_metadata(path: str | os.PathLike) -> VideoMetadata:
+    """The container's metadata of `path`'s first video stream: size, frame rate, duration, frame count and the
+    keyframe index (one pass over the packets, no decoding). Frame count, rate and duration follow `read_video`.
+
+    Raises VideoError for a missing, unreadable or truncated file (the packets end before the frames or the
+    duration the header promises: a cut faststart mp4 or Matroska file), one without a video stream or frames.
+    """
+    path = _check_path(path)
+    with _open_input(path) as container:
+        stream = _video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate
+        announced = stream.frames  # 0 when the container does not say (Matroska, WebM)
+        declared = _declared_seconds(container, stream)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        pts, keyframe, hidden, packets_end = _scan_packets(container, stream, path)
+    total = announced - hidden if announced > 0 else len(pts)
+    if total <= 0:
+        raise VideoError(f"{path!r} has a video stream but no frames")
+    source_fps = float(rate) if rate else (total / declared if declared else None)
+    if not source_fps:
+        raise VideoError(f"cannot determine the frame rate of {path!r}")
+    missing_end = declared is not None and packets_end < declared - max(0.25, 2 / source_fps)
+    if len(pts) + hidden < announced or (announced <= 0 and missing_end):
+        raise VideoError(f"{path!r} is truncated or corrupt: its header promises "
+                         + (f"{announced} frames" if announced > 0 else f"{declared:.2f} s of video")
+                         + f" but its packets end after {len(pts)} frames ({packets_end:.2f} s)")
+    frame_pts = None
+    if None not in pts and len(set(pts)) == len(pts) == total:
+        frame_pts = tuple(sorted(pts))
+        keyframes = tuple(sorted(bisect.bisect_left(frame_pts, p) for p, key in zip(pts, keyframe) if key))
+    else:
+        keyframes = (0,)  # no usable timestamps: decode from the start
+    return VideoMetadata(path, width, height, source_fps, declared if declared is not None else total / source_fps,
+                         total, frame_pts, keyframes)
+
+
+def plan_video(video: str | os.PathLike | VideoMetadata, fps: float | None = None, max_frames: int | None = None,
+               min_frames: int = DEFAULT_MIN_FRAMES, min_pixels: int = DEFAULT_MIN_PIXELS,
+               max_pixels: int = DEFAULT_MAX_PIXELS, patch_size: int = 14, temporal_patch_size: int = 2,
+               merge_size: int = 2, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD) -> VideoPlan:
+    """The plan of a video file (or of its `read_metadata`) from metadata alone: the frames `read_video` samples,
+    the size `resize_frames` gives and the grid `preprocess_video` gives, without decoding."""
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if max_frames is not None and max_frames <= 0:
+        raise ValueError(f"max_frames must be > 0, got {max_frames}")
+    meta = video if isinstance(video, VideoMetadata) else read_metadata(video)
+    fps = DEFAULT_FPS if fps is None else float(fps)
+    indices = sample_frame_indices(meta.num_frames, meta.fps, fps, max_frames, min_frames, temporal_patch_size)
+    if not indices:  # a single frame: repeat it to fill one temporal patch, as the HF processor pads
+        indices = [0] * temporal_patch_size
+    distinct = len(set(indices))
+    sampled_fps = distinct / meta.num_frames * meta.fps if distinct > 1 else fps
+    height, width = smart_resize(meta.height, meta.width, patch_size * merge_size, min_pixels, max_pixels)
+    return VideoPlan(meta, tuple(indices), sampled_fps, height, width, patch_size, temporal_patch_size, merge_size,
+                     tuple(image_mean), tuple(image_std))
+
+
+# --------------------------------------------------------------------------------------------------- decoding a share
+
+def _conversion_threads() -> int:
+    """swscale threads for the RGB conversion of the kept frames (its slices give the same bytes as one thread)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _decode_from(meta: VideoMetadata, wanted: List[int], threads: int, seek: bool,
+                 stats: dict) -> Iterator[Tuple[int, object]]:
+    """Decode `meta.path` and yield `(index, frame)` for the sorted distinct `wanted` indices, starting at the
+    keyframe at or before the first (when `seek`), stopping after the last. A frame is placed by its timestamp;
+    raises _SeekMissed when the first decoded frame lies after the first wanted one (then decode from the start)."""
+    av = _import_av()
+    key = meta.keyframes[max(0, bisect.bisect_right(meta.keyframes, wanted[0]) - 1)] if seek else 0
+    with _open_input(meta.path) as container:
+        stream = _video_stream(container, meta.path)
+        stream.thread_type = "AUTO"  # frame and slice threads
+        stream.codec_context.thread_count = threads
+        if key > 0:
+            container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
+        index, position = key - 1, 0
+        try:
+            for frame in _decode_needed(container, stream, meta, set(wanted)):
+                stats["decoded_frames"] = stats.get("decoded_frames", 0) + 1
+                index = _frame_index(meta, frame.pts, index + 1)
+                if index > wanted[0] and position == 0 and key > 0:
+                    raise _SeekMissed()
+                if index == wanted[position]:
+                    yield index, frame
+                    position += 1
+                    if position == len(wanted):
+                        return  # the rest of the video is not needed
+                elif index > wanted[position]:
+                    break  # a wanted frame was skipped by the decoder: reported as missing
+        except av.FFmpegError as err:
+            raise VideoError(f"cannot read video {meta.path!r}: corrupt data near frame {index} ({err})") from err
+
+
+class _SeekMissed(Exception):
+    pass
+
+
+def _decode_needed(container, stream, meta: VideoMetadata, wanted: set):
+    """The decoded frames of `stream` from where the container stands, skipping the frames that are not wanted and
+    that no other frame refers to (FFmpeg's AVDISCARD_NONREF, set packet by packet: the frame threads take it with
+    each packet). Skipped frames change no other frame: the kept ones are those of a full decode."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        index = _pts_index(meta, packet.pts)
+        codec.skip_frame = "NONREF" if index is not None and index not in wanted else "DEFAULT"
+        yield from stream.decode(packet)
+
+
+def _pts_index(meta: VideoMetadata, pts: Optional[int]) -> Optional[int]:
+    """The index of the frame with timestamp `pts`, None when no frame has it (or timestamps are unknown)."""
+    if meta.frame_pts is None or pts is None:
+        return None
+    i = bisect.bisect_left(meta.frame_pts, pts)
+    return i if i < len(meta.frame_pts) and meta.frame_pts[i] == pts else None
+
+
+def _frame_index(meta: VideoMetadata, pts: Optional[int], counted: int) -> int:
+    """A decoded frame's index: its timestamp's place among the frames' when known, else the count so far."""
+    index = _pts_index(meta, pts)
+    return counted if index is None else index
+
+
+def iter_frames(meta: VideoMetadata, indices, threads: int = 0, stats: dict | None = None) -> Iterator[np.ndarray]:
+    """RGB uint8 `[H, W, 3]` frames of `meta`'s video at the sorted `indices` (repeats yield a frame again), in
+    order. Decodes only from the keyframe at or before the first index to the last one, with FFmpeg's frame and
+    slice threads (`threads` 0: FFmpeg picks). Raises VideoError when a frame the metadata promises does not
+    decode. `stats`, when given, gets "decoded_frames": how many frames the decoder produced."""
+    indices = list(indices)
+    if not indices:
+        return
+    if indices != sorted(indices) or indices[0] < 0 or indices[-1] >= meta.num_frames:
+        raise ValueError(f"frame indices must be sorted within [0, {meta.num_frames}), got {indices[:8]}")
+    wanted = sorted(set(indices))
+    repeats = {i: indices.count(i) for i in wanted} if len(wanted) < len(indices) else None
+    sws_threads = _conversion_threads()
+    got = 0
+    for index, frame in _decode_wanted(meta, wanted, threads, stats):
+        rgb = frame.to_ndarray(format="rgb24", threads=sws_threads)
+        for _ in range(repeats[index] if repeats else 1):
+            yield rgb
+        got += 1
+    if got < len(wanted):
+        raise VideoError(f"{meta.path!r} is truncated or corrupt: frame {wanted[got]} of the {meta.num_frames} its "
+                         "metadata promises does not decode")
+
+
+def _decode_wanted(meta: VideoMetadata, wanted: List[int], threads: int, stats: dict | None):
+    """`_decode_from` with a seek, or from the start when the seek landed after the first wanted frame."""
+    stats = stats if stats is not None else {}
+    if meta.frame_pts is not None:
+        frames = _decode_from(meta, wanted, threads, True, stats)
+        try:
+            first = next(frames)
+        except StopIteration:
+            return
+        except _SeekMissed:
+            pass
+        else:
+            yield first
+            yield from frames
+            return
+    yield from _decode_from(meta, wanted, threads, False, stats)
+
+
 # --------------------------------------------------------------------------------------------------- resizing
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DEFAULT_MIN_PIXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Qwen2-VL's target size: sides rounded to multiples of `factor`, keeping the aspect ratio, with the area
-    scaled into [min_pixels, max_pixels] (shrunk with floor, grown with ceil, so the bound holds)."""
+    scaled into [min_pixels, max_pixels] (shrunk with floor, grown with ceil, so the bound holds; a side is never
+    below `factor`, and a thin frame's long side is cut further so that the area stays within max_pixels)."""
     if height <= 0 or width <= 0:
         raise ValueError(f"frame size must be positive, got {height}x{width}")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
+    if factor * factor > max_pixels:
+        raise ValueError(f"max_pixels ({max_pixels}) is below one {factor}x{factor} block: no frame size fits")
     new_h = round(height / factor) * factor
     new_w = round(width / factor) * factor
     if new_h * new_w > max_pixels:
@@ -223,6 +519,13 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DE
         scale = math.sqrt(min_pixels / (height * width))
         new_h = math.ceil(height * scale / factor) * factor
         new_w = math.ceil(width * scale / factor) * factor
+    # A thin frame's short side stops at `factor` (or is rounded up to reach min_pixels), which can leave the area
+    # above max_pixels (transformers' smart_resize has this flaw): shrink the long side until it fits.
+    if new_h * new_w > max_pixels:
+        if new_h >= new_w:
+            new_h = max(factor, max_pixels // new_w // factor * factor)
+        else:
+            new_w = max(factor, max_pixels // new_h // factor * factor)
     return new_h, new_w
 
 
@@ -250,8 +553,19 @@ def resize_frames(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int 
     if (new_h, new_w) == (height, width):
         return frames
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return _resize(x, (new_h, new_w)).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """uint8 `[T, 3, H, W]` -> `size` by antialiased bicubic, values rounded to 0..255 as torchvision does: uint8
+    on the CPU (its uint8 kernel), float with integer values elsewhere (CUDA has no uint8 kernel; torchvision
+    interpolates in float, clamps and rounds there)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    y = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    return y.clamp_(0, 255).round_()
 
 
 # --------------------------------------------------------------------------------------------------- patchify
@@ -265,18 +579,25 @@ def preprocess_video(frames, patch_size: int = 14, temporal_patch_size: int = 2,
     merge_size**2 rows is one 2x2 group the merger turns into one LLM token; each row is (channel, time, y, x).
     """
     frames = _check_frames(frames)
-    num_frames, height, width = frames.shape[:3]
+    height, width = frames.shape[1:3]
     side = patch_size * merge_size
     if height % side or width % side:
         raise ValueError(f"frame size {height}x{width} is not a multiple of {side} (patch_size * merge_size): "
                          "resize with resize_frames first")
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # T, C, H, W
+    return _patchify(x, patch_size, temporal_patch_size, merge_size, image_mean, image_std)
+
+
+def _patchify(x: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_size: int, image_mean,
+              image_std) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[T, 3, H, W]` pixel values 0..255 (uint8 or float, any device) -> (patch rows float32, grid_thw)."""
+    num_frames, _, height, width = x.shape
     if pad := -num_frames % temporal_patch_size:  # the HF processor repeats the last frame
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
         num_frames += pad
     # Rescale and normalise fused as in transformers: (x - 255 * mean) / (255 * std) in float32.
-    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
     x = (x.to(torch.float32) - mean) / std
     gt, gh, gw = num_frames // temporal_patch_size, height // patch_size, width // patch_size
     x = x.reshape(gt, temporal_patch_size, 3, gh // merge_size, merge_size, patch_size,
@@ -285,6 +606,60 @@ def preprocess_video(frames, patch_size: int = 14, temporal_patch_size: int = 2,
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     pixel_values = x.reshape(gt * gh * gw, 3 * temporal_patch_size * patch_size * patch_size).contiguous()
     return pixel_values, torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+def preprocess_frames(frames: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+    """uint8 frames `[T, H, W, 3]` of `plan`'s video (T a multiple of its temporal patch), on any device -> their
+    patch rows float32 on that device: `resize_frames` then `preprocess_video`, in torch."""
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    x = _resize(frames.permute(0, 3, 1, 2), (plan.resized_height, plan.resized_width))
+    rows, _ = _patchify(x, plan.patch_size, plan.temporal_patch_size, plan.merge_size, plan.image_mean,
+                        plan.image_std)
+    return rows
+
+
+def video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = None, device=None,
+                 threads: int = 0, chunk_steps: int = 8, timings: dict | None = None) -> torch.Tensor:
+    """The patch rows of temporal steps [first_step, stop_step) of `plan`'s video (all by default), float32 on
+    `device` (default CPU): only these frames are decoded (`iter_frames`), then resized, normalised and patchified
+    in torch on `device`, `chunk_steps` steps at a time (on a GPU this overlaps the decoding of the next chunk).
+
+    Equal to the same rows of `preprocess_video(resize_frames(read_video(...)))`: bit for bit on the CPU, within a
+    grey level of the resize on a GPU. `timings`, when given, gets the seconds spent decoding ("decode", RGB
+    conversion included) and preprocessing ("preprocess", with the wait for the device at the end), and the number
+    of frames the decoder produced ("decoded_frames": from the keyframe before the first wanted frame to the last).
+    """
+    stop_step = plan.num_steps if stop_step is None else stop_step
+    device = torch.device(device if device is not None else "cpu")
+    indices = plan.frames_of_steps(first_step, stop_step)
+    meta = plan.metadata
+    chunk = chunk_steps * plan.temporal_patch_size
+    pinned = device.type == "cuda"  # page-locked staging: the copy to the GPU runs while the next chunk decodes
+    seconds = {"decode": 0.0, "preprocess": 0.0, "decoded_frames": 0}
+    frames = iter_frames(meta, indices, threads, seconds)
+    rows = []
+    for start in range(0, len(indices), chunk):
+        tick = time.perf_counter()
+        n = min(chunk, len(indices) - start)
+        staging = torch.empty((n, meta.height, meta.width, 3), dtype=torch.uint8, pin_memory=pinned)
+        for k, rgb in zip(range(n), frames):
+            staging[k].numpy()[...] = rgb
+        tock = time.perf_counter()
+        rows.append(preprocess_frames(staging.to(device, non_blocking=True), plan))
+        seconds["decode"] += tock - tick
+        seconds["preprocess"] += time.perf_counter() - tock
+    for _ in frames:  # runs the decoder's end-of-video checks (nothing is left to decode)
+        pass
+    tick = time.perf_counter()
+    width = 3 * plan.temporal_patch_size * plan.patch_size ** 2
+    out = torch.cat(rows) if rows else torch.empty((0, width), device=device)
+    if timings is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds["preprocess"] += time.perf_counter() - tick
+        timings.update(seconds)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -302,9 +677,10 @@ def hf_video_processor_available() -> bool:
 def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
                               do_resize: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
                               merge_size: int = 2, image_mean=OPENAI_CLIP_MEAN,
-                              image_std=OPENAI_CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+                              image_std=OPENAI_CLIP_STD, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same output as `preprocess_video(resize_frames(frames, ...))` (or without resizing when `do_resize` is
-    False), computed by transformers' Qwen2VLVideoProcessor. Needs torchvision; see hf_video_processor_available()."""
+    False), computed by transformers' Qwen2VLVideoProcessor (on `device` when given: its torch path runs on a GPU).
+    Needs torchvision; see hf_video_processor_available()."""
     frames = _check_frames(frames)
     if not hf_video_processor_available():
         raise RuntimeError("transformers' Qwen2VLVideoProcessor cannot be built here (it needs a torchvision that "
@@ -318,7 +694,7 @@ def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch_size,
         temporal_patch_size=temporal_patch_size, merge_size=merge_size, image_mean=list(image_mean),
         image_std=list(image_std), do_resize=do_resize, do_sample_frames=False, **options)
-    out = processor(videos=[frames], return_tensors="pt")
+    out = processor(videos=[frames], return_tensors="pt", **({"device": device} if device is not None else {}))
     return out["pixel_values_videos"], out["video_grid_thw"].to(torch.long)
 
 
@@ -391,9 +767,15 @@ def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) ->
 
 
 def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, height: int, fps: float = 2,
-                          seed: int = 0, codec: str = "libx264") -> str:
+                          seed: int = 0, codec: str = "libx264", gop: int | None = None, bframes: int | None = None,
+                          frame_times=None, faststart: bool = False) -> str:
     """Write `synthetic_frames(num_frames, width, height, seed)` as a real video at `fps` with PyAV; the container
-    follows the extension (.mp4, .mkv, .webm, ...). WebM gets VP9 when `codec` is left at the default."""
+    follows the extension (.mp4, .mkv, .webm, ...). WebM gets VP9 when `codec` is left at the default.
+
+    libx264 only: `gop` puts a keyframe every `gop` frames (and nowhere else), `bframes` sets the B-frames between
+    references. `frame_times` (seconds, increasing) gives each frame its own timestamp: a variable frame rate.
+    `faststart` moves an mp4's index (moov) to the front of the file.
+    """
     av = _import_av()
 
     path = os.fspath(path)
@@ -401,21 +783,29 @@ def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, 
         raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    if frame_times is not None and len(frame_times) != num_frames:
+        raise ValueError(f"frame_times has {len(frame_times)} entries for {num_frames} frames")
     ext = os.path.splitext(path)[1].lower()
     if codec == "libx264" and ext in _CODEC_FOR_EXTENSION:
         codec = _CODEC_FOR_EXTENSION[ext]
     frames = synthetic_frames(num_frames, width, height, seed)
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(path, mode="w") as container:
+    time_base = Fraction(1, 1000) if frame_times is not None else 1 / rate
+    with av.open(path, mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = time_base
         if codec in ("libx264", "libvpx-vp9"):
             # near-lossless quality, so decoded frames stay close to synthetic_frames (tests match them)
             stream.options = {"crf": "10"} if codec == "libx264" else {"crf": "10", "b": "0"}
+        if codec == "libx264" and gop is not None:
+            stream.options.update(g=str(gop), keyint_min=str(gop), sc_threshold="0")
+        if codec == "libx264" and bframes is not None:
+            stream.options.update(bf=str(bframes))
         for t, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = t
-            frame.time_base = 1 / rate
+            frame.pts = t if frame_times is None else round(frame_times[t] * 1000)
+            frame.time_base = time_base
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
     return path

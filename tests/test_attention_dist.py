@@ -92,6 +92,16 @@ def _bad_inputs(rank, world):
         spava_attention(torch.randn(1, m, 4, 8), torch.randn(1, m, 2, 8), torch.randn(1, m, 2, 8), other)
     except ValueError as e:
         messages.append(str(e))
+    n = layout.local_len(rank)
+    try:  # q/k/v of mixed dtypes (a bf16 q with fp32 k/v)
+        spava_attention(torch.randn(1, n, 4, 8, dtype=torch.bfloat16), torch.randn(1, n, 2, 8),
+                        torch.randn(1, n, 2, 8), layout)
+    except ValueError as e:
+        messages.append(str(e))
+    try:  # no KV heads
+        spava_attention(torch.randn(1, n, 4, 8), torch.randn(1, n, 0, 8), torch.randn(1, n, 0, 8), layout)
+    except ValueError as e:
+        messages.append(str(e))
     # The group still works afterwards: nothing is left half-way through a collective.
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
@@ -119,11 +129,13 @@ def test_spava_low_precision():
 def test_bad_inputs_raise_on_every_rank(world):
     per_rank = run_distributed(_bad_inputs, world)
     for msgs in per_rank:
-        assert len(msgs) == 4, msgs
+        assert len(msgs) == 6, msgs
         assert f"needs at least {3 + 2 * world} context tokens" in msgs[0]
         assert msgs[1].startswith("spava_attention: rank")
         assert f"layout is for {world + 1} ranks" in msgs[2]
-        assert msgs[3] == world
+        assert "one floating-point dtype, got torch.bfloat16, torch.float32 and torch.float32" in msgs[3]
+        assert "at least one head each, got 4 query and 0 KV heads" in msgs[4]
+        assert msgs[5] == world
 
 
 def _compiled_merge_variants(rank, world, device_type="cpu", lengths=(61, 130, 257), head_dim=8,
@@ -150,7 +162,7 @@ def _compiled_merge_variants(rank, world, device_type="cpu", lengths=(61, 130, 2
                 ref = dense_causal_attention(q, k, v) if exact else reference_attention(q, k, v, layout)
                 errors.append((out.float() - layout.shard(ref, rank).float()).abs().max().item())
     entries = {str(key): len(_debug_get_cache_entry_list(code.__code__))
-               for key, (code, _) in kernels._compiled_merges.items()}
+               for key, code in kernels.compiled_merges().items()}
     return errors, entries
 
 

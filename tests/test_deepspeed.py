@@ -179,6 +179,26 @@ def _spava_vs_reference(group, case, batch_dim_idx, seed, mode="spava", module_c
     return errors
 
 
+def _contiguous_shards_refused(group):
+    """DeepSpeed's contiguous shards fed to the module inside use_layout: with no anchor and no query they have the
+    zigzag shares' length (96 tokens at W = 2: 48 each) and would give wrong attention (max error 1.33 against
+    dense before the check), so the module refuses tokens its layout did not shard; the layout's shards give dense
+    attention."""
+    import torch.distributed as dist
+
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
+    config = SpavaConfig(mode="ring", anchor_len=0)
+    layout = ZigzagLayout(96, 0, W, config)
+    q, k, v = _randn(30, (1, 96, 4, 8), (1, 96, 2, 8), (1, 96, 2, 8))
+    module = DistributedAttention(None, group, config=config)
+    with use_layout(layout), pytest.raises(ValueError, match="were not sharded with this layout"):
+        module(*(x.chunk(W, dim=1)[rank] for x in (q, k, v)), 0)
+    with use_layout(layout):
+        out = module(*(layout.shard(x, rank) for x in (q, k, v)), 0)
+    return {f"ring W={W} contiguous shards refused, zigzag shards out": _err(
+        out, layout.shard(dense_causal_attention(q, k, v), rank))}
+
+
 class _TinyAttentionModel(torch.nn.Module):
     """One attention layer: qkv projection, spava_ds DistributedAttention ([s, b, h, d], as Megatron-DeepSpeed)."""
 
@@ -233,6 +253,7 @@ def _worker(rank, world):
     errors.update(_ulysses_vs_deepspeed(group, 2, 40, 4, 2, 8, 1, seed=22, rot_dim=4))
     errors.update(_spava_vs_reference(group, (53, 4, 6, 2, 8, 5, 4, 2), 1, seed=23))
     errors.update(_spava_vs_reference(group, (41, 3, 4, 2, 8, 6, 2, 1), 1, seed=24, mode="ulysses"))
+    errors.update(_contiguous_shards_refused(group))
 
     # One training step of the engine on a Spava-sharded sequence; the SP pair shares one sample.
     sp_rank = dist.get_rank(group)
@@ -264,7 +285,7 @@ def _assert_small(results, n_checks, out_tol=OUT_TOL, grad_tol=GRAD_TOL):
 
 @pytest.mark.timeout(150)
 def test_deepspeed_distributed():
-    _assert_small(run_distributed(_worker, 4, timeout=140), 40)
+    _assert_small(run_distributed(_worker, 4, timeout=140), 41)
 
 
 def _gpu_worker(rank, world):

@@ -32,15 +32,19 @@ def _model_dir():
     return tiny_model_dir()
 
 
+def _ids(engine, text):
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _inputs(engine, t=6, h=8, w=8, question="What is in this video?"):
     """Prompt ids, M-RoPE positions and random patches of a t x h x w video grid (no decoding needed)."""
     cfg = engine.model.config
     g = torch.Generator().manual_seed(t * 100 + h)
     pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g)
     grid = torch.tensor([[t, h, w]])
-    context = (engine._ids("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    context = (_ids(engine, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
                + [cfg.vision_start_token_id] + [cfg.video_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id])
-    query = engine._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+    query = _ids(engine, f"{question}<|im_end|>\n<|im_start|>assistant\n")
     ids = torch.tensor([context + query])
     mm = (ids == cfg.video_token_id).int() * 2
     pos, _ = engine.model.model.get_rope_index(ids, mm, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
@@ -85,6 +89,19 @@ def _reference_hidden(engine, inputs, layout):
     return out.hidden_states[-1], out.logits[0, -1].float()
 
 
+def _full_embeddings(model, inputs):
+    """The whole sequence's input embeddings, the video tokens replaced by the vision tower's features, in one
+    process (no frame parallelism)."""
+    from spava_ds.integrations.qwen_vision import encode_video
+    from spava_ds.integrations.transformers import text_decoder
+
+    ids = inputs["input_ids"]
+    embeds = text_decoder(model).embed_tokens(ids)
+    features = encode_video(model.model.visual, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    embeds[ids == model.config.video_token_id] = features.to(embeds.dtype)
+    return embeds
+
+
 def _engine_checks(rank, world, model_dir):
     from spava_ds.engine import GenerationConfig, SpavaEngine
     from spava_ds.integrations.transformers import spava_session, text_decoder
@@ -103,7 +120,7 @@ def _engine_checks(rank, world, model_dir):
     inputs = _inputs(engine, t=5)
     layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], world, engine.config)
     with torch.no_grad(), spava_session(layout, engine.config) as _:
-        embeds = engine._local_embeddings(inputs, layout)
+        embeds = layout.shard(_full_embeddings(engine.model, inputs), rank)
         pos = layout.shard(inputs["position_ids"], rank, dim=2)
         hidden = text_decoder(engine.model)(inputs_embeds=embeds, position_ids=pos,
                                             use_cache=False).last_hidden_state
@@ -254,6 +271,9 @@ def test_engine_rejects_bad_checkpoints(tmp_path):
     engine = SpavaEngine.from_pretrained(_text_model_dir(tmp_path), SpavaConfig(mode="dense"))
     with pytest.raises(ValueError, match="no vision tower"):
         engine.video_inputs("whatever.mp4", "What?")
+    # A per-layer budget list that does not fit the model fails when the engine is built, not at a later layer.
+    with pytest.raises(ValueError, match="3 per-layer budgets, but the model has 4 attention layers"):
+        SpavaEngine.from_pretrained(_model_dir(), SpavaConfig(passing_len=[8, 8, 8]), fused_vision=False)
 
 
 @pytest.mark.timeout(300)

@@ -147,3 +147,96 @@ def test_json_config_errors_name_the_file(tmp_path):
     bad.write_text('{"spava": {"pool_kernel": 5, "budget": 3}}')
     with pytest.raises(ValueError, match=r"ds.json: unknown SpavaConfig key\(s\) \['budget'\]"):
         SpavaConfig.from_json(str(bad))
+
+
+# ---- the topology the layout answers for attention.py and the integrations ------------------------------------------
+@pytest.mark.parametrize("mode", ["spava", "apb"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("budget", [0, 2, 5, None])
+def test_passing_plan_follows_the_spec(mode, world, budget):
+    """Block v sees the selections of blocks 0..v-1 in sequence order, min(budget, block length) tokens each; each
+    gather half carries every rank's first (second) block padded to the half's largest; a block no later block
+    reads sends nothing; in the zigzag layout every rank receives 2W-1 selections."""
+    layout = ZigzagLayout(53 + world, 3, world, SpavaConfig(mode=mode, anchor_len=4))
+    tokens = [layout.block_len(v) if budget is None else min(budget, layout.block_len(v))
+              for v in range(layout.num_blocks)]
+    for rank in range(world):
+        plan = layout.passing_plan(rank, budget)
+        assert plan is layout.passing_plan(rank, budget)  # built once per layout, rank and budget
+        hosts = layout.virtual_hosts(rank)
+        if budget == 0 or layout.num_blocks == 1:
+            assert plan.gather_sizes == (0, 0) and not any(plan.send) and not any(plan.receive)
+            continue
+        for which, v in enumerate(hosts):
+            got = [(layout.virtual_hosts(r)[half], n) for half, r, n in plan.receive[which]]
+            assert got == [(u, tokens[u]) for u in range(v)], (rank, v)
+            assert plan.send[which] == (tokens[v] if v < layout.num_blocks - 1 else 0)
+        for half in range(len(hosts)):
+            blocks = [layout.virtual_hosts(r)[half] for r in range(world)]
+            readers = [u for u in blocks if u < layout.num_blocks - 1]
+            assert plan.gather_sizes[half] == (max(tokens[u] for u in blocks) if readers else 0)
+        if layout.zigzag:
+            assert sum(len(r) for r in plan.receive) == 2 * world - 1
+
+
+@pytest.mark.parametrize("mode", ["spava", "star"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_key_shares_cover_every_token_once(mode, world):
+    """The query rows' keys and the decode cache: over the ranks every token of the sequence exactly once, the
+    query's own keys (causal) on rank 0 only; with no query, none."""
+    for query_len in (5, 0):
+        layout = ZigzagLayout(71, query_len, world, SpavaConfig(mode=mode, anchor_len=6))
+        seen = []
+        for rank in range(world):
+            positions = layout.positions(rank)
+            for start, end, causal in layout.key_share(rank):
+                tokens = positions[start:end].tolist()
+                assert causal == (rank == 0 and start == layout.local_segments(0).query[0]), (rank, start)
+                assert not causal or tokens == list(range(*layout.query_range))
+                seen += tokens
+        assert sorted(seen) == list(range(layout.total_len))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_replicated_token_weights_count_every_token_once(world):
+    layout = ZigzagLayout(61, 7, world, SpavaConfig(anchor_len=5))
+    total = torch.zeros(layout.total_len)
+    for rank in range(world):
+        total.index_add_(0, layout.positions(rank), layout.replicated_token_weights(rank))
+    torch.testing.assert_close(total, torch.ones(layout.total_len), atol=1e-6, rtol=0)
+
+
+def test_any_integral_number_is_a_length():
+    import numpy as np
+
+    layout = ZigzagLayout(np.int64(61), torch.tensor(5), np.int32(2),
+                          SpavaConfig(anchor_len=np.int64(7), passing_len=[np.int16(3), torch.tensor(4)]))
+    assert layout.total_len == 66 and layout.world_size == 2 and layout.anchor_len == 7
+    assert all(type(x) is int for x in (layout.context_len, layout.query_len, layout.world_size))
+    assert layout.config.passing_len == (3, 4) and layout.config.to_dict()["passing_len"] == [3, 4]
+    for bad in (True, 2.0, np.float32(3), "4", torch.tensor(True)):
+        with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+            ZigzagLayout(61, 5, bad)
+
+
+def test_per_layer_budgets_must_match_the_model():
+    per_layer = SpavaConfig(passing_len=[4, 4, 2])
+    per_layer.check_num_layers(3)
+    SpavaConfig(passing_len=4).check_num_layers(36)  # one budget for all layers fits any model
+    for layers in (2, 4):
+        with pytest.raises(ValueError, match=f"3 per-layer budgets, but the model has {layers} attention layers"):
+            per_layer.check_num_layers(layers)
+
+
+def test_mode_table_describes_every_mode():
+    from spava_ds import MODE_TABLE, MODES
+
+    assert tuple(MODE_TABLE) == MODES
+    for mode, spec in MODE_TABLE.items():
+        layout = ZigzagLayout(100, 4, 2, SpavaConfig(mode=mode))
+        assert layout.zigzag == (spec.layout == "zigzag") and layout.num_blocks == (4 if layout.zigzag else 2)
+        assert spec.exact == (mode in ("ring", "ulysses", "dense"))
+        assert spec.needs_query == (spec.passing == "topk")
+        # The default budget: Spava's rule, twice it for apb, nothing for star and the modes that pass no top-k.
+        assert SpavaConfig(mode=mode).resolve_passing_len(64 * 1024) == 512 * spec.passing_scale
+    assert SpavaConfig(mode="star").resolve_anchor_len(100, 2) == 33  # Star's anchor is a whole block

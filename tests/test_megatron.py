@@ -131,6 +131,8 @@ def test_clear_errors():
         with pytest.raises(ValueError, match="3 ranks"):
             with use_layout(ZigzagLayout(20, 4, 3, SpavaConfig(anchor_len=2))):
                 module(q, k, v, None)
+    with pytest.raises(ValueError, match="1 per-layer budgets, but the model has 2 attention layers"):
+        SpavaCoreAttention(**_core_attention_kwargs(_config(1)), spava_config=SpavaConfig(passing_len=[3]))
     dropout = SpavaCoreAttention(**_core_attention_kwargs(_config(1, attention_dropout=0.1)))
     with pytest.raises(ValueError, match="attention_dropout=0.0"):
         dropout(q, k, v, None)  # modules start in training mode

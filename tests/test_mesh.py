@@ -10,14 +10,18 @@ summed over the ranks that hold them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from spava_ds import (MeshLayout, SpavaConfig, ZigzagLayout, comm, dense_causal_attention, make_layout,
+from spava_ds import (MODE_TABLE, MeshLayout, SpavaConfig, ZigzagLayout, comm, dense_causal_attention, make_layout,
                       reference_attention, sp_attention)
+from spava_ds.config import MESH_MODES
+from spava_ds.profiling import span_hook
 
 from dist_utils import run_distributed, run_threaded
 
@@ -113,7 +117,7 @@ def _bad_inputs(rank, world):
     layout = make_layout(40, 3, world, SpavaConfig(anchor_len=4, passing_len=2, ulysses_degree=2))
     n = layout.local_len(rank)
     messages = []
-    for hq, hkv, tokens, group in ((3, 1, n, mesh), (4, 3, n, mesh), (4, 2, n + 1, mesh), (4, 2, n, None)):
+    for hq, hkv, tokens, group in ((3, 1, n, mesh), (6, 3, n, mesh), (4, 2, n + 1, mesh), (4, 2, n, None)):
         try:
             sp_attention(torch.randn(1, tokens, hq, 8), torch.randn(1, tokens, hkv, 8),
                          torch.randn(1, tokens, hkv, 8), layout, group=group)
@@ -133,10 +137,43 @@ def test_2x2_and_1x4_meshes_on_gloo_processes_match_references():
     per_rank = run_distributed(_both_meshes, 4)
     for u in (2, 4):
         _check([r[u] for r in per_rank], u, 4)
+    # The intra all-to-alls are comm's collectives (seen by the hook) and the 2-D steps are spans, around the flat
+    # schedule of the inter group (two passing halves and the query merge gathered; no reduce in the forward).
+    for r in per_rank:
+        (calls, names), (back_calls, back_names) = r["observed"]
+        assert calls[0] == calls[-1] == "all_to_all_single" and calls.count("all_to_all_single") == 2, calls
+        assert sum(c.startswith("all_gather") for c in calls) == 3, calls
+        assert names[0] == "spava.mesh.to_heads" and names[-1] == "spava.mesh.to_tokens", names
+        assert "spava.attend.query" in names and "spava.merge.query" in names, names
+        assert back_calls.count("all_to_all_single") == 2 and "all_reduce" in back_calls, back_calls
+        assert back_names[0] == "spava.backward.block2", back_names  # the all-to-all's backward has no span
 
 
 def _both_meshes(rank, world):
-    return {u: _rank_results(rank, world, u) for u in (2, 4)}
+    return {u: _rank_results(rank, world, u) for u in (2, 4)} | {"observed": _observed(rank, world)}
+
+
+def _observed(rank, world):
+    """The collectives (``comm.collective_hook``) and spans (``profiling.span_hook``) of one forward and backward
+    of spava on a 2 x 2 mesh."""
+    case = CASES[0]
+    layout = make_layout(case[2], case[3], world, _config(case, 2))
+    q, k, v = (layout.shard(t, rank).requires_grad_() for t in _tensors(case, seed=1)[:3])
+    calls, names = [], []
+
+    def hook(op, *args, **kwargs):
+        calls.append(op.__name__)
+        return op(*args, **kwargs)
+
+    def record(name):
+        names.append(name)
+        return contextlib.nullcontext()
+
+    with comm.collective_hook(hook), span_hook(record):
+        out = sp_attention(q, k, v, layout, group=comm.init_mesh(2))
+        forward = (list(calls), list(names))
+        out.sum().backward()
+    return forward, (calls[len(forward[0]):], names[len(forward[1]):])
 
 
 @pytest.mark.timeout(300)
@@ -179,24 +216,35 @@ def test_mesh_layout_shards_every_token(context_len, query_len, world, u):
     holders = _holders(layout, total)
     replicated = (torch.arange(total) < layout.inter.anchor_len) | (torch.arange(total) >= context_len)
     assert torch.equal(holders, torch.where(replicated, float(layout.inter_size), 1.0))
-    kept = torch.cat([layout.positions(r)[s:e] for r in range(world) for s, e in layout.cache_ranges(r)])
+    # The key shares (what decoding keeps) hold each token once; only the query's keys are seen causally.
+    shares = [(r, s, e, causal) for r in range(world) for s, e, causal in layout.key_share(r)]
+    kept = torch.cat([layout.positions(r)[s:e] for r, s, e, _ in shares])
     assert torch.equal(kept.sort().values, torch.arange(total))
+    causal = torch.cat([layout.positions(r)[s:e] for r, s, e, c in shares if c] or [torch.zeros(0, dtype=int)])
+    assert torch.equal(causal.sort().values, torch.arange(context_len, total))
     assert layout.positions(layout.last_token_rank())[-1] == total - 1
     if u == 1:  # one rank per intra group: the flat layout
         flat = ZigzagLayout(context_len, query_len, world, config)
         assert all(torch.equal(layout.shard(x, r), flat.shard(x, r)) for r in range(world))
+        assert all(layout.key_share(r) == flat.key_share(r) for r in range(world))
 
 
 def test_make_layout_and_config_validation():
     assert isinstance(make_layout(40, 2, 4, SpavaConfig()), ZigzagLayout)
     assert isinstance(make_layout(40, 2, 4, SpavaConfig(ulysses_degree=2)), MeshLayout)
     assert SpavaConfig.from_dict({"ulysses_degree": 4}).to_dict()["ulysses_degree"] == 4
+    assert SpavaConfig(ulysses_degree=np.int64(2)).ulysses_degree == 2  # integral numbers of any kind
+    assert MeshLayout(40, 2, torch.tensor(4), SpavaConfig(ulysses_degree=2)).world_size == 4
     for bad in (0, -2, 1.5, "2", True):
         with pytest.raises(ValueError, match="ulysses_degree must be an int >= 1"):
             SpavaConfig(ulysses_degree=bad)
-    for mode in ("ulysses", "dense"):
-        with pytest.raises(ValueError, match="needs a mode in"):
-            SpavaConfig(mode=mode, ulysses_degree=2)
+    # Which modes run 2-D is the mode table's column: the block schedule does.
+    assert MESH_MODES == ("spava", "ring", "star", "apb")
+    for mode, spec in MODE_TABLE.items():
+        assert spec.mesh == (spec.schedule == "blocks"), mode
+        if not spec.mesh:
+            with pytest.raises(ValueError, match="needs a mode in"):
+                SpavaConfig(mode=mode, ulysses_degree=2)
     with pytest.raises(ValueError, match="do not split into intra groups"):
         MeshLayout(40, 2, 6, SpavaConfig(ulysses_degree=4))
     with pytest.raises(ValueError, match="fewer than the 8 ranks"):

@@ -1,8 +1,9 @@
 """Past one machine: the two-dimensional mode launched as two "nodes" on this machine, and the engine sharded by it.
 
 Two torchrun agents with ``--nnodes 2 --nproc_per_node 2`` meet at a c10d rendezvous on localhost (4 processes in
-all, 2 per "node"); each node is one intra group of the 2 x 2 mesh. They run the attention demo in the 2-D mode and
-the inference CLI on the embedded model (ring x Ulysses must give dense attention's first-token logits). The
+all, 2 per "node"); each node is one intra group of the 2 x 2 mesh. In one launch (``tests/two_node_job.py``) they
+run the attention demo in the 2-D mode, then the inference CLI on the embedded model (ring x Ulysses must give
+dense attention's first-token logits). The
 deepspeed launcher's hostfile recipe (``--no_ssh --node_rank``) runs the demo as well. In-process, the engine's 2-D
 Spava (4 ranks as threads) equals one process simulating flat Spava at the inter size.
 """
@@ -58,17 +59,14 @@ def _value(text, label):
 
 @pytest.mark.timeout(300)
 def test_two_nodes_run_the_2d_attention_and_the_engine():
-    runs = _two_nodes("launch/demo_attention.py", "--context-len", "700", "--query-len", "9", "--heads", "4",
-                      "--kv-heads", "2", "--head-dim", "16", "--ulysses-degree", "2", "--repeat", "1")
-    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
-    out = "".join(o for _, o, _ in runs)  # rank 0 prints, on whichever agent the rendezvous made node 0
-    assert "MeshLayout(inter 2 x intra 2" in out, out
-    assert _value(out, "max |spava - reference|          :") < 1e-5, out
-
-    runs = _two_nodes("launch/infer.py", "--deepspeed_config", os.path.join(ROOT, "configs", "spava_2d_sp4.json"),
-                      "--mode", "ring", "--check", "--max-new-tokens", str(MAX_NEW))
+    runs = _two_nodes("tests/two_node_job.py", "--context-len", "700", "--query-len", "9", "--heads", "4",
+                      "--kv-heads", "2", "--head-dim", "16", "--ulysses-degree", "2", "--repeat", "1", "--",
+                      "--deepspeed_config", os.path.join(ROOT, "configs", "spava_2d_sp4.json"), "--mode", "ring",
+                      "--check", "--max-new-tokens", str(MAX_NEW))
     assert all(code == 0 for code, _, _ in runs), [err[-3000:] for _, _, err in runs]
-    out = "".join(o for _, o, _ in runs)
+    out = "".join(o for _, o, _ in runs)  # rank 0 prints, on whichever agent the rendezvous made node 0
+    assert "spava on 4 rank(s) (MeshLayout(inter 2 x intra 2" in out, out
+    assert _value(out, "max |spava - reference|          :") < 1e-5, out
     assert "mode ring on 4 process(es)" in out and "answer:" in out, out
     assert _value(out, "largest first-token logit difference") < 1e-4, out  # ring x Ulysses is exact
 

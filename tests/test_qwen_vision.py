@@ -58,6 +58,12 @@ def _frame_parallel_worker(rank, world):
         out = qv.frame_parallel_vision(visual, pixels, grid)
         results["no_grad"] = (out - reference).abs().max().item()
         results["shape"] = (tuple(out.shape), tuple(reference.shape))
+        # Each rank passes only the rows of its own temporal steps (what the video pipeline decodes) and the global
+        # grid: the same gathered features.
+        step_rows = [h * w for t, h, w in GRID for _ in range(t)]
+        first, stop = qv.temporal_range(len(step_rows), rank, world)
+        own = pixels[sum(step_rows[:first]):sum(step_rows[:stop])]
+        results["own_rows"] = (qv.frame_parallel_vision(visual, own, grid) - reference).abs().max().item()
         # The fused attention (flex with the block-diagonal mask, eager on the CPU) under frame parallelism.
         handle = qv.enable_fused_vision_attention(visual, backend="flex_eager", block_size=16)
         with warnings.catch_warnings():
@@ -95,7 +101,7 @@ def _frame_parallel_worker(rank, world):
 def test_frame_parallel_equals_one_device(world):
     for rank, r in enumerate(run_distributed(_frame_parallel_worker, world, timeout=110)):
         assert r["shape"][0] == r["shape"][1] == (sum(t * h * w for t, h, w in GRID) // 4, 64)
-        assert r["no_grad"] < 1e-5, (rank, r)
+        assert r["no_grad"] < 1e-5 and r["own_rows"] < 1e-5, (rank, r)
         assert r["fused"] < 1e-5, (rank, r)
         assert r["grad_rel"] < 1e-5, (rank, r)
         assert r["short"] is not None and f"at least {2 * world} frames" in r["short"], (rank, r)
@@ -103,6 +109,8 @@ def test_frame_parallel_equals_one_device(world):
 
 def test_plan_shares_and_local_grids():
     assert qv.temporal_shares(8, 3) == [3, 3, 2] and qv.temporal_shares(7, 7) == [1] * 7
+    assert [qv.temporal_range(8, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 8)]
+    assert qv.temporal_range(5, 0, 1) == (0, 5)
     slices = qv._plan(GRID, 3, merge_unit=4, temporal_patch_size=2)
     assert [s.grid_thw for s in slices] == [[[3, 8, 12]], [[2, 8, 12], [1, 6, 4]], [[2, 6, 4]]]
     assert [s.rows for s in slices] == [(0, 288), (288, 504), (504, 552)]

@@ -92,21 +92,19 @@ def test_predictions_show_the_floor_of_flat_spava():
 # ---- the model's collectives against what the code sends -------------------------------------------------------------
 @contextlib.contextmanager
 def _recording():
-    """Collectives record what each sends and move nothing (this process is one rank of a fake group)."""
+    """Collectives record what each sends and move nothing (this process is one rank of a fake group), through
+    spava_ds's collective hook; the fake group is destroyed at the end."""
     sent = []
-    saved = comm._all_gather_single, dist.all_to_all_single
 
-    def gather(out, x, group=None, async_op=False):
-        sent.append(("all_gather", x.numel() * x.element_size()))
+    def record(op, out, x, *args, **kwargs):
+        name = op.__name__
+        kind = "all_gather" if name.startswith("all_gather") else "all_to_all" if name == "all_to_all_single" else name
+        sent.append((kind, x.numel() * x.element_size()))
 
-    def all_to_all(out, x, out_splits=None, in_splits=None, group=None, async_op=False):
-        sent.append(("all_to_all", x.numel() * x.element_size()))
-
-    comm._all_gather_single, dist.all_to_all_single = gather, all_to_all
     try:
-        yield sent
+        with comm.collective_hook(record):
+            yield sent
     finally:
-        comm._all_gather_single, dist.all_to_all_single = saved
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -171,18 +169,18 @@ def test_fitted_constants_recover_known_rates():
 # ---- the benchmarks' 2-D options -------------------------------------------------------------------------------------
 def test_bench_host_runs_the_2d_mode():
     bench_host = _load("bench_host")
-    gather, all_to_all = comm._all_gather_single, dist.all_to_all_single
-    rows = []
-    for mode in ("spava", "ring", "ulysses"):
-        args = bench_host.main.__globals__["argparse"].Namespace(
-            ulysses_degree=2, heads=(4, 2), head_dim=8, query=5, warmup=1, iters=1, top=0, python_profile=0)
-        with bench_host.no_collectives():
-            rows.append(bench_host.measure(mode, 301, 4, 1, args, torch.device("cpu"), torch.float32))
+    rows, outer = [], []
+    with comm.collective_hook(lambda op, *args, **kwargs: outer.append(op)):
+        for mode in ("spava", "ring", "ulysses"):
+            args = bench_host.main.__globals__["argparse"].Namespace(
+                ulysses_degree=2, heads=(4, 2), head_dim=8, query=5, warmup=1, iters=1, top=0, python_profile=0)
+            with bench_host.alone():
+                rows.append(bench_host.measure(mode, 301, 4, 1, args, torch.device("cpu"), torch.float32))
     mesh = MeshLayout(296, 5, 4, SpavaConfig(ulysses_degree=2))
     assert [r["ulysses_degree"] for r in rows] == [2, 2, 1]  # ulysses stays flat over W
     assert rows[0]["local_tokens"] == rows[1]["local_tokens"] == mesh.local_len(2)
     assert rows[2]["local_tokens"] == ZigzagLayout(296, 5, 4, SpavaConfig(mode="ulysses")).local_len(1)
-    assert comm._all_gather_single is gather and dist.all_to_all_single is all_to_all
+    assert outer == [] and not dist.is_initialized()  # bench_host's hook took every collective, the group is gone
 
 
 @pytest.mark.timeout(300)

@@ -14,10 +14,11 @@ import pytest
 import torch
 import transformers
 
+from spava_ds.integrations.qwen_vision import temporal_range
 from spava_ds.video import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoError, hf_video_processor_available,
-                            load_video_settings, preprocess_video, preprocess_with_processor, read_video,
-                            resize_frames, sample_frame_indices, smart_resize, synthetic_frames,
-                            write_synthetic_video)
+                            load_video_settings, plan_video, preprocess_video, preprocess_with_processor,
+                            read_metadata, read_video, resize_frames, sample_frame_indices, smart_resize,
+                            synthetic_frames, video_pixels, write_synthetic_video)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array(OPENAI_CLIP_MEAN, np.float64)
@@ -74,12 +75,28 @@ def test_smart_resize_matches_transformers():
     for min_pixels, max_pixels in budgets:
         for h, w in sizes:
             ours = smart_resize(h, w, 28, min_pixels, max_pixels)
-            assert ours == hf_smart_resize(h, w, 28, min_pixels, max_pixels), (h, w, min_pixels, max_pixels)
-            assert ours[0] % 28 == 0 and ours[1] % 28 == 0
+            hf = hf_smart_resize(h, w, 28, min_pixels, max_pixels)
+            assert ours[0] % 28 == 0 and ours[1] % 28 == 0 and ours[0] * ours[1] <= max_pixels
+            if hf[0] * hf[1] <= max_pixels:
+                assert ours == hf, (h, w, min_pixels, max_pixels)
+            else:  # transformers breaks the budget on thin frames (a side floored at 28 or rounded up to reach
+                # min_pixels): only the long side differs
+                assert min(ours) == min(hf) and max(ours) < max(hf), (h, w, ours, hf)
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 2100)
     with pytest.raises(ValueError, match="min_pixels"):
         smart_resize(100, 100, 28, 5000, 4000)
+
+
+def test_smart_resize_keeps_thin_frames_within_the_budget():
+    for h, w in [(20, 4000), (4000, 20), (30, 5000), (28, 2800), (14, 2000), (100, 19_000)]:
+        for max_pixels in (28 * 28, 56 * 56, 112 * 112, 3 * 28 * 28, 768 * 28 * 28):
+            new_h, new_w = smart_resize(h, w, 28, min(28 * 28, max_pixels), max_pixels)
+            assert new_h * new_w <= max_pixels and min(new_h, new_w) >= 28, (h, w, max_pixels, new_h, new_w)
+            assert new_h % 28 == 0 and new_w % 28 == 0
+            assert (new_h > new_w) == (h > w) or new_h == new_w  # the orientation is kept
+    with pytest.raises(ValueError, match="below one 28x28 block"):
+        smart_resize(20, 4000, 28, 100, 28 * 27)
 
 
 def test_resize_frames_is_bicubic_to_the_smart_size():
@@ -320,28 +337,22 @@ def test_read_video_errors(tmp_path):
 
 
 @needs_av
-def test_read_video_resamples_when_fewer_frames_decode_than_announced(tmp_path):
-    """An mp4 with its index first (faststart) announces 20 frames; cut in half, fewer decode: sample those."""
-    import av
-
-    source = synthetic_frames(20, 64, 48, seed=7)
-    path = str(tmp_path / "faststart.mp4")
-    with av.open(path, "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for t, array in enumerate(source):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = t
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_truncated_files_are_refused(tmp_path, ext):
+    """A faststart mp4 (its index first: it announces 20 frames) or a Matroska file (its header gives the duration)
+    cut before its end: today's path and the metadata plan both say so instead of answering from what decodes."""
+    path = write_synthetic_video(tmp_path / f"full.{ext}", 20, 64, 48, fps=10, seed=7, gop=5,
+                                 faststart=ext == "mp4")
     data = open(path, "rb").read()
-    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
-    with av.open(str(tmp_path / "cut.mp4")) as container:
-        assert container.streams.video[0].frames == 20
-    frames, info = read_video(tmp_path / "cut.mp4", fps=10)
-    total = info["num_source_frames"]
-    assert 2 <= total < 20 and len(frames) == total // 2 * 2
-    assert _nearest_source(frames, source) == info["indices"] == list(range(total // 2 * 2))
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(VideoError, match="truncated") as err:
+        plan_video(cut)
+    assert "cut." in str(err.value)
+    if ext == "mp4":  # Matroska announces no frame count: read_video samples the frames there (today's path)
+        with pytest.raises(VideoError, match="truncated"):
+            read_video(cut, fps=10)
+    assert plan_video(path).metadata.num_frames == 20  # the whole file is fine
 
 
 # ------------------------------------------------------------------------------------------------ settings, model
@@ -450,3 +461,179 @@ def test_make_tiny_model_reproduces_the_committed_checkpoint(tmp_path):
             new, old = [(d["model"]["vocab"], d["model"]["merges"], d["added_tokens"])
                         for d in (json.loads(new), json.loads(old))]
             assert new == old, "the tokenizer differs from the committed checkpoint"
+
+
+# ------------------------------------------------------------------------------------------------ metadata plan, shares
+
+# Videos for the per-rank pipeline, each against today's whole-video path. 61 frames at 30 fps (2.03 s): sampled at
+# 2, 7 and 11 fps their frames fall on keyframes (0, 24, ...) and between them; 11 fps gives 11 temporal steps (odd,
+# not divisible by 2 or 3).
+_VFR = [round(t, 3) for t in np.cumsum(np.random.default_rng(3).choice([0.02, 0.033, 0.05], 61)) - 0.02]
+SHARE_VIDEOS = {
+    "bframes.mp4": dict(gop=12, bframes=3),
+    "bframes.mkv": dict(gop=12, bframes=3),
+    "vfr.mp4": dict(gop=10, bframes=2, frame_times=_VFR),
+    "vfr.mkv": dict(gop=10, frame_times=_VFR),
+    "nob.webm": dict(),
+}
+BUDGET = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def share_videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shares")
+    return {name: write_synthetic_video(folder / name, 61, 96, 64, fps=30, seed=4, **options)
+            for name, options in SHARE_VIDEOS.items()}
+
+
+def _today(path, fps):
+    """Today's whole-video path: decode and sample every frame, resize, patchify."""
+    frames, info = read_video(path, fps=fps)
+    pixels, grid = preprocess_video(resize_frames(frames, **BUDGET))
+    return pixels, grid, info
+
+
+@needs_av
+@pytest.mark.parametrize("name", list(SHARE_VIDEOS))
+def test_plan_from_metadata_equals_todays_path(share_videos, name):
+    path = share_videos[name]
+    meta = read_metadata(path)
+    assert (meta.width, meta.height, meta.num_frames) == (96, 64, 61)
+    if name != "nob.webm":  # libx264 with a fixed GOP: a keyframe every gop frames
+        gop = SHARE_VIDEOS[name]["gop"]
+        assert meta.keyframes == tuple(range(0, 61, gop))
+    for fps in (2, 7, 11):
+        plan = plan_video(path, fps=fps, **BUDGET)
+        pixels, grid, info = _today(path, fps)
+        assert list(plan.frame_indices) == info["indices"]
+        assert list(plan.grid_thw) == grid[0].tolist() and plan.num_steps * plan.rows_per_step == pixels.shape[0]
+        assert plan.second_per_grid_t == pytest.approx(info["second_per_grid_t"], rel=1e-12)
+        assert plan.num_tokens == pixels.shape[0] // 4
+
+
+@needs_av
+@pytest.mark.parametrize("name", list(SHARE_VIDEOS))
+def test_each_rank_decodes_only_its_share_equal_to_todays_rows(share_videos, name):
+    path = share_videos[name]
+    for fps in (2, 7, 11):
+        plan = plan_video(path, fps=fps, **BUDGET)
+        pixels, _, _ = _today(path, fps)
+        rows = plan.rows_per_step
+        for world in (1, 2, 3):
+            for rank in range(world):
+                first, stop = temporal_range(plan.num_steps, rank, world)
+                stats = {}
+                got = video_pixels(plan, first, stop, chunk_steps=1 + rank, timings=stats)
+                assert torch.equal(got, pixels[first * rows:stop * rows]), (name, fps, world, rank)
+                if first == stop:
+                    continue
+                # decoding starts at the keyframe at or before the first frame and stops after the last one
+                frames = plan.frames_of_steps(first, stop)
+                key = max(k for k in plan.metadata.keyframes if k <= frames[0])
+                assert stats["decoded_frames"] <= frames[-1] - key + 1 + 4, (stats, key, frames)  # + B-frame delay
+
+
+@needs_av
+def test_plan_rejects_bad_settings(share_videos):
+    path = share_videos["bframes.mp4"]
+    for fps in (0, -2.0):
+        with pytest.raises(ValueError, match="fps must be > 0"):
+            plan_video(path, fps=fps)
+    for max_frames in (0, -4):
+        with pytest.raises(ValueError, match="max_frames must be > 0"):
+            plan_video(path, max_frames=max_frames)
+    with pytest.raises(VideoError, match="not found"):
+        plan_video(os.path.join(os.path.dirname(path), "missing.mp4"))
+
+
+def test_single_frame_video_plan(tmp_path):
+    path = write_synthetic_video(tmp_path / "one.mp4", num_frames=1, width=32, height=32, fps=2)
+    plan = plan_video(path)
+    frames, info = read_video(path)
+    assert plan.frame_indices == (0, 0) and info["indices"] == [0, 0]
+    assert torch.equal(video_pixels(plan), preprocess_video(resize_frames(frames))[0])
+
+
+@pytest.mark.gpu
+def test_gpu_preprocessing_within_a_grey_level_of_the_cpu(share_videos):
+    """On a GPU the resize runs in float (CUDA has no uint8 antialiased kernel) and rounds as torchvision does there:
+    within one grey level of the CPU's uint8 kernel, and of transformers' video processor run on the GPU."""
+    plan = plan_video(share_videos["bframes.mp4"], fps=7, **BUDGET)
+    cpu = video_pixels(plan)
+    gpu = video_pixels(plan, device="cuda").cpu()
+    grey = 1 / (255 * min(OPENAI_CLIP_STD)) + 1e-5  # one grey level after normalisation
+    assert gpu.shape == cpu.shape and (gpu - cpu).abs().max() <= grey
+    assert (gpu != cpu).float().mean() < 0.05
+    if hf_video_processor_available():
+        frames, _ = read_video(share_videos["bframes.mp4"], fps=7)
+        ref, _ = preprocess_with_processor(frames, BUDGET["min_pixels"], BUDGET["max_pixels"], device="cuda")
+        assert ref.shape == gpu.shape and (ref.cpu() - gpu).abs().max() <= grey
+
+
+# ------------------------------------------------------------------------------------------------ engine, W = 1 and 2
+
+def _old_pipeline_inputs(engine, path, question, fps):
+    """Today's engine inputs: every rank decodes, resizes and patchifies the whole video on the CPU."""
+    settings = engine.settings
+    frames, info = read_video(path, fps=fps, max_frames=settings["max_frames"])
+    pixels, grid = preprocess_video(resize_frames(frames, settings["min_pixels"], settings["max_pixels"]))
+    return dict(engine.video_prompt(grid, info["second_per_grid_t"], question), pixel_values_videos=pixels,
+                frames=len(frames))
+
+
+def _engine_new_vs_old(rank, world, path, truncated):
+    from spava_ds import SpavaConfig
+    from spava_ds.engine import GenerationConfig, SpavaEngine
+    from spava_ds.assets import tiny_model_dir
+
+    engine = SpavaEngine.from_pretrained(tiny_model_dir(), SpavaConfig(mode="ring", anchor_len=16),
+                                         fused_vision=False)
+    question = "What is moving?"
+    new = engine.video_inputs(path, question, fps=3)
+    old = _old_pipeline_inputs(engine, path, question, fps=3)
+    plan = new["video_plan"]
+    first, stop = temporal_range(plan.num_steps, rank, world)
+    out = {"rows": new["pixel_values_videos"].shape[0], "own_rows": (stop - first) * plan.rows_per_step,
+           "same_prompt": torch.equal(new["input_ids"], old["input_ids"]),
+           "same_positions": torch.equal(new["position_ids"], old["position_ids"])}
+    gen = GenerationConfig(max_new_tokens=3)
+    for name, inputs in (("new", new), ("old", old)):
+        answer = engine.generate(inputs, gen)
+        out[name] = (answer.tokens, answer.first_logits)
+    # a frame that does not decode on one rank: every rank raises, before the vision all-gather
+    failing = dict(new, pixel_values_videos=None, video_error="frame 40 does not decode") if rank == world - 1 \
+        else new
+    with pytest.raises(VideoError, match=f"rank {world - 1} of {world}: frame 40 does not decode"
+                       if world > 1 else "frame 40"):
+        engine.generate(failing, gen)
+    with pytest.raises(VideoError, match="truncated"):  # the metadata check fails alike on every rank
+        engine.video_inputs(truncated, question)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        engine.video_inputs(path, question, fps=0)
+    with pytest.raises(ValueError, match="max_frames must be > 0"):
+        engine.video_inputs(path, question, max_frames=0)
+    return out
+
+
+@needs_av
+@pytest.mark.timeout(300)
+def test_engine_answers_from_own_frames_equal_the_whole_video_path(tmp_path):
+    """The engine on the embedded model: each rank's inputs hold only its own patch rows, and the answers (tokens
+    and first-token logits) equal those of today's whole-video inputs, at W = 1 and W = 2 (ring: exact)."""
+    from dist_utils import run_distributed
+
+    # 3 fps over 2.1 s of a 30 fps video: 6 frames sampled (0, 10, 21, ...), 3 temporal steps (2 + 1 on 2 ranks),
+    # frames on and between keyframes
+    path = write_synthetic_video(tmp_path / "v.mp4", 63, 100, 80, fps=30, seed=2, gop=15, bframes=2)
+    full = write_synthetic_video(tmp_path / "t.mp4", 40, 64, 48, fps=10, faststart=True)
+    data = open(full, "rb").read()
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    truncated = str(tmp_path / "truncated.mp4")
+    results = [_engine_new_vs_old(0, 1, path, truncated)] + run_distributed(_engine_new_vs_old, 2, path, truncated)
+    for res in results:
+        assert res["same_prompt"] and res["same_positions"]
+        assert res["new"][0] == res["old"][0]
+        assert (res["new"][1] - res["old"][1]).abs().max().item() < 1e-4
+    assert results[0]["rows"] == results[0]["own_rows"] == 3 * 80  # 140x112 frames: a 3 x 8 x 10 grid
+    assert [r["rows"] for r in results[1:]] == [r["own_rows"] for r in results[1:]] == [160, 80]
+    assert results[1]["new"][0] == results[0]["new"][0]  # ring over 2 ranks answers as one process

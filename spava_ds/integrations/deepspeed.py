@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..attention import sp_attention
-from ..config import CONTIGUOUS_MODES, SpavaConfig
+from ..config import SpavaConfig
 from ..layout import ZigzagLayout, current_layout, shard_batch
 
 __all__ = ["DistributedAttention", "bind_sequence_parallel_group", "replicated_token_weights",
@@ -112,11 +112,17 @@ class DistributedAttention(torch.nn.Module):
             raise ValueError("DistributedAttention needs the batch's ZigzagLayout: run the forward inside "
                              "`with spava_ds.use_layout(layout):` or pass layout=... (see sp_shard_batch)")
         config = self.config if self.config is not None else layout.config
-        if layout.zigzag != (config.mode not in CONTIGUOUS_MODES):
-            raise ValueError(f"DistributedAttention: mode {config.mode!r} needs a "
-                             f"{'contiguous' if layout.zigzag else 'zigzag'} layout, got {layout}; build the layout "
-                             "with the same SpavaConfig")
+        if layout.zigzag != (config.mode_spec.layout == "zigzag"):
+            raise ValueError(f"DistributedAttention: mode {config.mode!r} needs a {config.mode_spec.layout} layout, "
+                             f"got {layout}; build the layout with the same SpavaConfig")
         rank, _ = comm.group_rank_size(self.spg)
+        if layout.world_size > 1 and not layout.sharded_for(rank):
+            # DeepSpeed's contiguous shards have the same local length when there is no anchor and no query, and
+            # would give wrong attention without an error: only tokens this layout sharded are accepted (one rank
+            # holds the whole sequence in either order).
+            raise ValueError(f"DistributedAttention: the tokens of rank {rank} were not sharded with this layout "
+                             f"({layout}); it needs this layout's zigzag order, not DeepSpeed's contiguous slices: "
+                             "shard the batch with sp_shard_batch (or layout.shard) and use the layout it returns")
 
         # The core API is [b, s, h, d]; a transpose is a view, so the seq-first layout costs no copy here.
         to_bshd = (lambda t: t) if batch_dim_idx == 0 else (lambda t: t.transpose(0, 1))
@@ -255,12 +261,6 @@ def sp_shard_batch(batch: Dict[str, Any], query_len: int, group: Optional[dist.P
 
 
 def replicated_token_weights(layout: ZigzagLayout, rank: int, device=None) -> torch.Tensor:
-    """Per-token loss weights ``[s_local]`` for this rank: 1 for its own blocks, ``1/W`` for the anchor and the
-    query, which every rank holds. Summed over the group, every token of the sequence then counts once, so the
-    partial gradients of the replicated tokens add up to the true gradient once the parameter gradients are summed
-    over the sequence-parallel ranks (see docs/deepspeed.md on how launch/finetune.py does that with DeepSpeed)."""
-    seg = layout.local_segments(rank)
-    weights = torch.ones(layout.local_len(rank), device=device)
-    for start, end in (seg.anchor, seg.query):
-        weights[start:end] = 1.0 / layout.world_size
-    return weights
+    """``layout.replicated_token_weights(rank, device)``: per-token loss weights, ``1/W`` for the anchor and the
+    query that every rank holds, 1 elsewhere (see docs/deepspeed.md on summing the gradients over the SP ranks)."""
+    return layout.replicated_token_weights(rank, device)

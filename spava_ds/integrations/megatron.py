@@ -33,11 +33,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .. import comm
 from ..attention import sp_attention
-from ..config import SpavaConfig
+from ..config import MODE_TABLE, SpavaConfig
 from ..layout import ZigzagLayout, current_layout
 
-# Modes that need no replicated query block, so they run in Megatron's own CP sharding without a user layout.
-_MEGATRON_LAYOUT_MODES = ("ring", "ulysses", "dense")
+# Modes that need no replicated query block and use the zigzag chunks, so they run in Megatron's own CP sharding
+# without a user layout.
+_MEGATRON_LAYOUT_MODES = tuple(m for m, spec in MODE_TABLE.items() if spec.layout == "zigzag" and not spec.needs_query)
 
 
 def _mask_type_name(mask_type: Any) -> str:
@@ -88,6 +89,8 @@ class SpavaCoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.spava_config = spava_config
+        if spava_config is not None and getattr(config, "num_layers", None):
+            spava_config.check_num_layers(config.num_layers)
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
     # ---- helpers ----------------------------------------------------------------------------------------------

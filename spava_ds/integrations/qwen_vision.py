@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..comm import all_gather_async, group_rank_size, reduce_scatter_async
 
 __all__ = [
-    "frame_parallel_vision", "temporal_shares", "encode_video",
+    "frame_parallel_vision", "video_features", "temporal_shares", "temporal_range", "encode_video",
     "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
     "varlen_attention", "available_backends", "BACKENDS",
 ]
@@ -41,6 +41,13 @@ def temporal_shares(num_steps: int, world_size: int) -> List[int]:
     """Temporal steps per rank: ``floor(F/W) + (r < F mod W)``, the earlier ranks taking the remainder."""
     base, extra = divmod(num_steps, world_size)
     return [base + (r < extra) for r in range(world_size)]
+
+
+def temporal_range(num_steps: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """The temporal steps ``[first, stop)`` that ``rank`` encodes: its contiguous run of ``temporal_shares``."""
+    shares = temporal_shares(num_steps, world_size)
+    first = sum(shares[:rank])
+    return first, first + shares[rank]
 
 
 @dataclass
@@ -61,11 +68,9 @@ def _plan(grid_thw: Sequence[Sequence[int]], world_size: int, merge_unit: int,
             f"{temporal_patch_size * num_steps} frames ({num_steps} step(s)); sample more frames or use fewer ranks")
     # Pixel rows of every step, in the packed order: video after video, step after step.
     step_rows = [h * w for t, h, w in grid_thw for _ in range(t)]
-    starts = [0]
-    for n in temporal_shares(num_steps, world_size):
-        starts.append(starts[-1] + n)
     slices = []
-    for s0, s1 in zip(starts[:-1], starts[1:]):
+    for rank in range(world_size):
+        s0, s1 = temporal_range(num_steps, rank, world_size)
         r0, r1 = sum(step_rows[:s0]), sum(step_rows[:s1])
         # The local grid keeps each video's (h, w) and counts only the steps inside [s0, s1): a slice that crosses a
         # video boundary becomes two entries, so the windows and the full-attention segments stay per video.
@@ -129,11 +134,13 @@ def frame_parallel_vision(visual, pixel_values_videos: torch.Tensor, video_grid_
                           group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Encode the videos with the vision tower split over the ranks of ``group`` by temporal steps.
 
-    ``visual`` is the vision tower (``model.model.visual`` of ``Qwen2_5_VLForConditionalGeneration``),
-    ``pixel_values_videos`` ``[patches, C*T*P*P]`` and ``video_grid_thw`` ``[videos, 3]`` as the processor gives
-    them, the same on every rank. Returns the merged features of all videos ``[patches / merge**2, out_hidden]`` on
-    every rank, equal to ``visual(pixel_values_videos, video_grid_thw)`` on one device. Differentiable: the gradient
-    of this rank's features is summed over the ranks (see ``_GatherShares``).
+    ``visual`` is the vision tower (``model.model.visual`` of ``Qwen2_5_VLForConditionalGeneration``) and
+    ``video_grid_thw`` ``[videos, 3]`` the grid of all videos, the same on every rank. ``pixel_values_videos`` is
+    either every patch row ``[patches, C*T*P*P]`` as the processor gives them (each rank then encodes its slice) or
+    only this rank's rows, those of its ``temporal_range`` (the video pipeline decodes no more); the row count tells
+    which (with W > 1 a rank's share is always smaller than the whole). Returns the merged features of all videos
+    ``[patches / merge**2, out_hidden]`` on every rank, equal to ``visual(pixel_values_videos, video_grid_thw)`` on
+    one device. Differentiable: the gradient of this rank's features is summed over the ranks (``_GatherShares``).
 
     Raises ``ValueError`` (on every rank, before any collective) when there are fewer temporal steps than ranks.
     """
@@ -142,24 +149,57 @@ def frame_parallel_vision(visual, pixel_values_videos: torch.Tensor, video_grid_
     if video_grid_thw.dim() != 2 or any(len(row) != 3 for row in grid):
         raise ValueError(f"video_grid_thw must be [videos, 3], got shape {tuple(video_grid_thw.shape)}")
     total_rows = sum(t * h * w for t, h, w in grid)
-    if pixel_values_videos.shape[0] != total_rows:
-        raise ValueError(f"pixel_values_videos has {pixel_values_videos.shape[0]} rows but video_grid_thw "
-                         f"{grid} describes {total_rows} patches")
     config = visual.config
     merge_unit = config.spatial_merge_size ** 2
     slices = _plan(grid, world, merge_unit, config.temporal_patch_size)
+    mine = slices[rank]
+    own_rows = mine.rows[1] - mine.rows[0]
+    if pixel_values_videos.shape[0] not in (total_rows, own_rows):
+        raise ValueError(f"pixel_values_videos has {pixel_values_videos.shape[0]} rows but video_grid_thw "
+                         f"{grid} describes {total_rows} patches, of which rank {rank} of {world} encodes {own_rows}")
     if world == 1:
         return encode_video(visual, pixel_values_videos, video_grid_thw)
 
-    mine = slices[rank]
     local_grid = torch.tensor(mine.grid_thw, dtype=video_grid_thw.dtype, device=video_grid_thw.device)
-    features = encode_video(visual, pixel_values_videos[mine.rows[0]:mine.rows[1]], local_grid)
+    own = pixel_values_videos if pixel_values_videos.shape[0] == own_rows else \
+        pixel_values_videos[mine.rows[0]:mine.rows[1]]
+    features = encode_video(visual, own, local_grid)
     counts = [s.tokens[1] - s.tokens[0] for s in slices]
     if features.shape[0] != counts[rank]:
         raise RuntimeError(f"the vision tower returned {features.shape[0]} rows for {counts[rank]} merged tokens")
     if torch.is_grad_enabled() and features.requires_grad:
         return _GatherShares.apply(features, counts, rank, group)
     return _gather_rows(features, counts, group)
+
+
+def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,
+                   device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The merged features of the video of ``inputs`` (``SpavaEngine.video_inputs``) on every rank of ``group``:
+    this rank encodes its ``temporal_range`` and the features are all-gathered (``frame_parallel_vision``).
+
+    ``inputs["pixel_values_videos"]`` holds the rows of temporal steps ``inputs["video_steps"]`` (all of them when
+    that key is absent). When those are not this rank's steps (inputs made for another world size, e.g. the dense
+    check of a W-rank job), this rank's frames are decoded from ``inputs["video_plan"]``. A rank whose frames did
+    not decode (``inputs["video_error"]``, or a failure here) makes every rank raise ``VideoError`` before the
+    all-gather, so no rank waits for one that failed.
+    """
+    from ..comm import raise_if_any_rank_failed
+    from ..video import VideoError, video_pixels
+
+    rank, world = group_rank_size(group)
+    grid = inputs["video_grid_thw"]
+    first, stop = temporal_range(int(grid[:, 0].sum()), rank, world)
+    held = tuple(inputs.get("video_steps") or (0, int(grid[:, 0].sum())))
+    pixels, error = inputs["pixel_values_videos"], inputs.get("video_error")
+    if error is None and held not in ((first, stop), (0, int(grid[:, 0].sum()))):
+        try:
+            pixels = video_pixels(inputs["video_plan"], first, stop, device)
+        except VideoError as err:
+            error = str(err)
+    raise_if_any_rank_failed(error, group, VideoError)
+    pixels = pixels.to(device, dtype) if device is not None or dtype is not None else pixels
+    grid = grid.to(pixels.device)
+    return frame_parallel_vision(visual, pixels, grid, group) if world > 1 else encode_video(visual, pixels, grid)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .. import comm, kernels
 from ..attention import sp_attention
 from ..config import SpavaConfig
 from ..layout import MeshLayout, ZigzagLayout
-from ..reference import reference_attention
+from ..profiling import span
 
 ATTN_NAME = "spava"
 _SESSION: contextvars.ContextVar[Optional["SpavaSession"]] = contextvars.ContextVar("spava_session", default=None)
@@ -43,7 +43,8 @@ class SpavaSession:
         self.layout = layout
         self.keep_cache = keep_cache  # False for training: no decoding follows, keep no K/V around
         # simulate: one process holds the whole sequence in global order and the prefill runs reference_attention
-        # for the layout's W (accuracy studies at any W on one device); decoding is exact over the whole cache.
+        # for the layout's W (accuracy studies at any W on one device; exact modes: dense attention); decoding is
+        # exact over the whole cache.
         self.simulate = simulate
         self.config = config if config is not None else layout.config
         self.group = group  # attention's group: the DeviceMesh in the two-dimensional mode (MeshLayout)
@@ -60,17 +61,11 @@ class SpavaSession:
         self.decoding = True
 
     def cache_ranges(self) -> List[Tuple[int, int]]:
-        """Local (start, end) ranges of the prefill tokens this rank keeps: anchor share, blocks, query on rank 0."""
+        """Local (start, end) ranges of the prefill tokens this rank keeps: its layout's ``key_share`` (the same
+        question for ``ZigzagLayout`` and ``MeshLayout``)."""
         if self.simulate:
             return [(0, self.layout.total_len)]
-        if isinstance(self.layout, MeshLayout):
-            return self.layout.cache_ranges(self.rank)
-        seg = self.layout.local_segments(self.rank)
-        a0, a1 = self.layout.anchor_share(self.rank)
-        ranges = [(a0, a1), (seg.block1[0], seg.block2[1])]
-        if self.rank == 0:
-            ranges.append(seg.query)
-        return ranges
+        return [(start, end) for start, end, _ in self.layout.key_share(self.rank)]
 
     def cached_tokens(self) -> int:
         """Tokens in this rank's share of the cache (the same for every layer)."""
@@ -79,28 +74,27 @@ class SpavaSession:
 
     # ---- called by the attention function ------------------------------------------------------------------------
     def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
-        if self.simulate:
-            out = reference_attention(q, k, v, self.layout, self.config, layer_idx=layer, scale=scale)
-        else:
+        if not self.simulate:
             out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
+        elif self.config.mode_spec.exact:
+            out = kernels.dense_causal_attention(q, k, v, scale)
+        else:
+            from ..reference import reference_attention  # the test oracle, here as the explicit simulation
+
+            out = reference_attention(q, k, v, self.layout, self.config, layer_idx=layer, scale=scale)
         if self.keep_cache:
             self.cache[layer] = tuple(torch.cat([t[:, s:e] for s, e in self.cache_ranges()], dim=1).detach()
                                       for t in (k, v))
         return out
 
     def decode_step(self, layer: int, q, k, v, scale) -> torch.Tensor:
-        ck, cv = self.cache[layer]
-        if self.rank == 0:  # rank 0 owns the query and the generated tokens
-            ck, cv = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-            self.cache[layer] = (ck, cv)
-        out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
-        if self.world == 1:
-            return out
-        d = q.shape[-1]
-        packed = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
-        parts = comm.all_gather_async(packed, self.merge_group, self.world, async_op=False).wait()
-        merged, _ = kernels.merge([(p[..., :d], p[..., d].transpose(1, 2)) for p in parts.unbind(0)], q.dtype)
-        return merged
+        with span("spava.decode"):
+            ck, cv = self.cache[layer]
+            if self.rank == 0:  # rank 0 owns the query and the generated tokens
+                ck, cv = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+                self.cache[layer] = (ck, cv)
+            out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
+            return comm.merge_partials(out, lse, self.merge_group, self.world, q.dtype, async_op=False).wait()[0]
 
 
 @contextlib.contextmanager

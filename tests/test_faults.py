@@ -1,0 +1,243 @@
+"""Fault injection on ``spava-infer --batch`` (torchrun, 2 gloo processes, the tiny checkpoint, a 12-frame video):
+
+* an uninterrupted run of a batch with bad records mid-batch (malformed JSON, a missing video, ``"video": 5``, no
+  question, a non-string question, a non-object) answers every good record and writes one error record per bad one;
+* kill -9 of rank 0 (the writer) mid-batch: the output holds complete JSON lines only, the job ends non-zero, rank 1
+  names rank 0; ``--resume`` then answers only the rest, and the union equals the uninterrupted run's answers;
+* SIGTERM to torchrun mid-batch: every rank stops after the same record, the output is complete, the job ends
+  well before torchrun's 30 s SIGKILL;
+* a stuck rank (SIGSTOP) with ``--timeout 5``: rank 0 gives up after the timeout and names rank 1.
+
+Each case is bounded by a timeout; the runs are kept small (about 15 s each here). The CPU cases hide the GPUs (gloo
+everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = 30  # good records: enough that a fault lands mid-batch
+BAD = {  # batch line -> (the line, what its error record must say)
+    3: ('{"video": "V", "question": ', "malformed JSON"),
+    6: ('{"video": "MISSING", "question": "Where?"}', "missing.mp4"),
+    9: ('{"video": 5, "question": "Why?"}', '"video" must be a string'),
+    12: ('{"video": "V"}', 'no "question"'),
+    15: ('{"video": "V", "question": 7}', '"question" must be a string'),
+    18: ('[1, 2]', "must be a JSON object"),
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    return _write_batch(tmp_path_factory.mktemp("faults"), GOOD)
+
+
+def _write_batch(folder, good_records: int):
+    """A batch file: ``good_records`` records with the bad ones of BAD at their lines, and a blank line."""
+    from spava_ds.video import write_synthetic_video
+
+    video = write_synthetic_video(str(folder / "v.webm"), num_frames=12, width=112, height=112, fps=2, seed=1)
+    lines, good = [], 0
+    while good < good_records:
+        n = len(lines) + 1
+        if n in BAD:
+            lines.append(BAD[n][0].replace("MISSING", str(folder / "missing.mp4")).replace('"V"', json.dumps(video)))
+        elif n == 20:
+            lines.append("")
+        else:
+            lines.append(json.dumps({"video": video, "question": f"What moves in clip {good}?", "id": good}))
+            good += 1
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _command(batch, output, *extra):
+    from spava_ds.assets import tiny_model_dir
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "launch", "infer.py"), "--model", tiny_model_dir(), "--batch", str(batch),
+            "--output", str(output), "--max-new-tokens", "8", *extra]
+
+
+def _env(gpu: bool):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU machine
+    return env
+
+
+def _run(batch, output, *extra, gpu=False, timeout=150):
+    return subprocess.run(_command(batch, output, *extra), capture_output=True, text=True, timeout=timeout,
+                          env=_env(gpu))
+
+
+def _records(output):
+    """The output's records; every line must be complete JSON (a newline-terminated object)."""
+    text = output.read_text()
+    assert text == "" or text.endswith("\n"), "the last line is incomplete"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _answers(records):
+    """batch line -> answer text of the answer records (each line answered at most once)."""
+    answers = {}
+    for r in records:
+        if "error" not in r:
+            assert r["batch_line"] not in answers, f"line {r['batch_line']} answered twice"
+            answers[r["batch_line"]] = r["answer"]
+    return answers
+
+
+@pytest.fixture(scope="module")
+def reference(batch, tmp_path_factory):
+    """The uninterrupted run's result and records."""
+    output = tmp_path_factory.mktemp("reference") / "answers.jsonl"
+    res = _run(batch, output)
+    return res, _records(output)
+
+
+def _start_and_wait(batch, output, lines: int, *extra, gpu=False):
+    """Start the job; return it once ``output`` has ``lines`` lines (a fault then lands mid-batch)."""
+    proc = subprocess.Popen(_command(batch, output, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(gpu))
+    deadline = time.monotonic() + 120
+    while not (output.exists() and output.read_text().count("\n") >= lines):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the batch did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the launcher with RANK=rank in its environment)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.timeout(200)
+def test_bad_records_mid_batch(batch, reference):
+    res, records = reference
+    assert res.returncode != 0, "some records failed: the exit code must say so"
+    assert f"{len(BAD)} of {GOOD + len(BAD)} record(s) failed" in res.stdout, res.stdout[-2000:]
+    errors = {r["batch_line"]: r for r in records if "error" in r}
+    assert sorted(errors) == sorted(BAD)
+    for line, (_, reason) in BAD.items():
+        assert reason in errors[line]["error"] and errors[line]["batch"] == str(batch), errors[line]
+    answers = _answers(records)
+    assert len(answers) == GOOD and not set(answers) & set(BAD)
+    first = next(r for r in records if r["batch_line"] == 1)
+    assert first["id"] == 0 and first["question"] == "What moves in clip 0?" and isinstance(first["answer"], str)
+
+
+@pytest.mark.timeout(300)
+def test_kill9_of_the_writer_then_resume(batch, reference, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    proc = _start_and_wait(batch, output, 4)
+    os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "[rank 1] error: rank 0 did not answer" in stderr, stderr[-3000:]
+    first = _records(output)
+    assert 4 <= len(first) < GOOD + len(BAD)
+    # --resume answers only what is not answered yet; the union is the uninterrupted run's answers
+    resumed = _run(batch, output, "--resume")
+    assert "resuming" in resumed.stdout, resumed.stderr[-3000:]
+    both = _records(output)
+    assert both[:len(first)] == first, "resume must keep the earlier lines as they were"
+    again = set(_answers(both[len(first):])) & set(_answers(first))
+    assert not again, f"lines answered again: {again}"
+    assert _answers(both) == _answers(reference[1])
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_the_launcher(batch, tmp_path):
+    _sigterm_to_the_launcher(batch, tmp_path / "answers.jsonl")
+
+
+def _sigterm_to_the_launcher(batch, output, *extra, gpu=False):
+    proc = _start_and_wait(batch, output, 4, *extra, gpu=gpu)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert time.monotonic() - signalled < 25, "the ranks did not stop before torchrun's SIGKILL"
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout, (stdout[-2000:], stderr[-3000:])
+    for rank in (0, 1):
+        assert f"[rank {rank}] SIGTERM: stopping after the record in flight" in stderr
+    assert "error:" not in stderr, stderr[-3000:]
+    assert 4 <= len(_records(output)) < len(open(batch).read().splitlines())
+
+
+@pytest.mark.timeout(200)
+def test_stuck_rank_times_out(batch, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    proc = _start_and_wait(batch, output, 4, "--timeout", "5")
+    rank0, rank1 = _rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        while _state(rank0) not in ("Z", "gone") and time.monotonic() - stopped < 60:
+            time.sleep(0.1)
+        waited = time.monotonic() - stopped
+    finally:
+        os.kill(rank1, signal.SIGCONT)  # torchrun's SIGTERM then reaches it at once, not after 30 s
+    _, stderr = proc.communicate(timeout=90)
+    assert 5 <= waited < 30, waited  # the timeout, then at most HEALTH_WAIT_S to name the silent rank
+    assert proc.returncode != 0
+    assert "[rank 0] error: rank 1 did not answer" in stderr and "Timed out" in stderr, stderr[-3000:]
+    assert len(_records(output)) >= 4
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.gpu(count=2)
+@pytest.mark.timeout(500)
+def test_faults_with_nccl(tmp_path):
+    """The faults on 2 GPUs (NCCL, fp32): SIGTERM to torchrun stops every rank after the same record; kill -9 of the
+    writer leaves complete lines and ends the job (a survivor waiting in a GPU collective runs no Python, so the NCCL
+    watchdog or torchrun ends it, and torchrun's summary names the dead rank); --resume then completes the
+    uninterrupted run's answers."""
+    batch = _write_batch(tmp_path, 300)  # a GPU answers the tiny model's questions fast: keep the fault mid-batch
+    fp32 = ("--dtype", "float32")
+    reference = tmp_path / "reference.jsonl"
+    res = _run(batch, reference, *fp32, gpu=True, timeout=300)
+    assert f"{len(BAD)} of {300 + len(BAD)} record(s) failed" in res.stdout, res.stderr[-3000:]
+    _sigterm_to_the_launcher(batch, tmp_path / "stopped.jsonl", *fp32, gpu=True)
+    output = tmp_path / "killed.jsonl"
+    proc = _start_and_wait(batch, output, 4, *fp32, gpu=True)
+    killed = time.monotonic()
+    os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    first = _records(output)
+    _run(batch, output, "--resume", *fp32, gpu=True, timeout=300)
+    assert _records(output)[:len(first)] == first
+    assert _answers(_records(output)) == _answers(_records(reference))
