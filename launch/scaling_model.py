@@ -33,7 +33,7 @@ ROOT = os.path.dirname(LAUNCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, LAUNCH)
 
-from spava_ds import SpavaConfig, ZigzagLayout  # noqa: E402
+from spava_ds import SpavaConfig, ZigzagLayout, entry  # noqa: E402
 
 BF16 = 2  # bytes per element of q, k, v and outputs
 GIB = 1024 ** 3
@@ -689,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="the model against measure's JSON and the end-to-end runs")
     va.add_argument("--measured", help="measure's JSON (without it only the end-to-end comparison runs)")
     va.add_argument("--e2e", nargs="*", default=sorted(glob.glob(os.path.join(ROOT, "docs", "results", "e2e_*.json"))))
+    for sub_parser in (pr, me, va):
+        entry.add_arguments(sub_parser)
     return p
 
 
@@ -700,7 +702,8 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"predict": run_predict, "measure": run_measure, "validate": run_validate}[args.command](args)
+    return entry.run_main({"predict": run_predict, "measure": run_measure, "validate": run_validate}[args.command],
+                          args)
 
 
 if __name__ == "__main__":

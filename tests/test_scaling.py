@@ -190,10 +190,17 @@ def test_bench_e2e_runs_the_2d_methods(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "launch", "bench_e2e.py"), "--tiny", "--methods", "dense", "ring_2d",
-                          "spava_2d", "--ulysses-degree", "2", "--out", str(out), "--iters", "1"],
+                          "spava_2d", "--ulysses-degree", "2", "--out", str(out), "--iters", "1",
+                          "--breakdown-methods", "spava_2d"],
                          capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["ring_2d"]["status"] == "ok" and rows["ring_2d"]["logit_rel_diff"] < 1e-5  # exact
     assert rows["spava_2d"]["status"] == "ok" and rows["spava_2d"]["gpus"] == 2
+    # Seen through the collective hook: a 1 x 2 mesh has one inter rank (no gathers), so per layer the two intra
+    # all-to-alls (q, k, v to heads; the output back) are all there is.
+    from test_bench_e2e import _tiny_layers
+
+    for b in rows["spava_2d"]["breakdown_per_rank"]:
+        assert b["collectives"] == 2 * _tiny_layers() and b["communication"] > 0, b
     assert "ring x ulysses (2-D, exact)" in res.stdout

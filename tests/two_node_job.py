@@ -6,26 +6,15 @@ same processes (one launch proves the recipe for both; a launch of 4 processes c
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import sys
 
+from launch import demo_attention as demo  # the repository root is on PYTHONPATH
 from spava_ds import cli, entry
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _demo_module():
-    spec = importlib.util.spec_from_file_location("demo_attention", os.path.join(ROOT, "launch", "demo_attention.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv) -> int:
     split = argv.index("--")
-    demo = _demo_module()
     demo_args = demo.build_parser().parse_args(argv[:split])
     cli_args = cli.build_parser().parse_args(argv[split + 1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
