@@ -37,7 +37,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, comm, entry, make_layout  # noqa: E402
 from spava_ds.attention import sp_attention  # noqa: E402
-from spava_ds.config import MESH_MODES  # noqa: E402
 
 MODES = [mode for mode, spec in MODE_TABLE.items() if spec.schedule != "local"]  # the modes that run over W ranks
 
@@ -117,9 +116,10 @@ def time_call(fn, device: torch.device, iters: int, calls: int = 8):
 def make_call(mode: str, tokens: int, world: int, rank: int, heads, head_dim: int, query: int, device, dtype,
               ulysses_degree: int = 1):
     """(one call of global rank ``rank``'s attention, its layout) on random inputs, the other ranks faked. With
-    ``ulysses_degree`` U > 1 the zigzag modes run the two-dimensional mode on a (W / U) x U mesh."""
+    ``ulysses_degree`` U > 1 the modes that run 2-D (``MODE_TABLE``'s ``mesh`` column) run it on a (W / U) x U mesh.
+    Call it inside ``alone()``: the fake group moves nothing, the collective hook makes every collective return."""
     fake_group(rank, world)
-    config = SpavaConfig(mode=mode, ulysses_degree=ulysses_degree if mode in MESH_MODES else 1)
+    config = SpavaConfig(mode=mode, ulysses_degree=ulysses_degree if MODE_TABLE[mode].mesh else 1)
     layout = make_layout(tokens - query, query, world, config)
     group = comm.init_mesh(config.ulysses_degree) if isinstance(layout, MeshLayout) else None
     n = layout.local_len(rank)
@@ -136,7 +136,7 @@ def make_call(mode: str, tokens: int, world: int, rank: int, heads, head_dim: in
 
 
 def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
-    u = args.ulysses_degree if mode in MESH_MODES else 1
+    u = args.ulysses_degree if MODE_TABLE[mode].mesh else 1
     call, layout = make_call(mode, tokens, world, rank * u, args.heads, args.head_dim, args.query, device, dtype, u)
     n = layout.local_len(rank * u)
     for _ in range(args.warmup):
