@@ -34,6 +34,8 @@ Methods (``--methods``; all by default):
                       sharded KV cache (exact LSE-merged attention, as Star/APB's separate query pass). Speed only: the
                       query tokens see each other without a causal mask in that pass (same work)
 ``spava_no_fp``       ablation: no frame parallelism, every rank encodes the whole video
+``spava_2d``          (not in the default sweep) the two-dimensional mode: Ulysses inside groups of
+``ring_2d``           ``--ulysses-degree`` consecutive GPUs, Spava (ring: exact) over the W / U groups (docs/scaling.md)
 ====================  ==================================================================================================
 
 Inputs are synthetic: random pixel values of the right Qwen grid (no video decoding; the GPU image has no PyAV), the
@@ -97,11 +99,13 @@ RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 DEFAULT_CONTEXTS = [131072, 65536, 32768, 16384]
 ALL_METHODS = ["dense", "spava", "ring", "torch_cp", "apb", "ulysses", "star", "spava_no_overlap", "spava_no_fused",
                "spava_no_fp"]
+MESH_METHODS = ["spava_2d", "ring_2d"]  # on request (--methods): the two-dimensional mode, --ulysses-degree per group
 LABELS = {
     "dense": "dense, 1 GPU (SDPA)", "dense_flash_attn": "dense, 1 GPU (flash-attn)", "spava": "spava",
     "ring": "ring (ours, exact)", "torch_cp": "PyTorch context_parallel (exact ring)", "apb": "apb (= spava -zigzag)",
     "ulysses": "ulysses (exact)", "star": "star", "spava_no_overlap": "spava -overlap",
     "spava_no_fused": "spava -fused query pass (emulated)", "spava_no_fp": "spava -frame parallelism",
+    "spava_2d": "spava x ulysses (2-D)", "ring_2d": "ring x ulysses (2-D, exact)",
 }
 QUESTION = "What is in this video?"
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -390,7 +394,7 @@ def make_case(model, tokenizer, shape, resolution, target, world, args, device, 
 
 class Runner:
     def __init__(self, model, case: Case, method: str, device, clock: Clock, rank: int, world: int, args):
-        from spava_ds import MODE_TABLE, SpavaConfig, ZigzagLayout, comm
+        from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, ZigzagLayout, comm, make_layout
         from spava_ds.integrations.transformers import text_decoder
 
         self.model, self.case, self.method, self.device, self.clock = model, case, method, device, clock
@@ -399,15 +403,18 @@ class Runner:
         self.args = args
         single = method.startswith("dense")
         self.group = comm.SELF if single else None
+        self.attention_group = self.group
         self.rank, self.world = (0, 1) if single else (rank, world)
         self.frame_parallel = self.world > 1 and method != "spava_no_fp"
         mode = {"dense_flash_attn": "dense", "torch_cp": "ring", "spava_no_overlap": "spava",
-                "spava_no_fused": "spava", "spava_no_fp": "spava"}.get(method, method)
+                "spava_no_fused": "spava", "spava_no_fp": "spava",
+                "spava_2d": "spava", "ring_2d": "ring"}.get(method, method)
         budget = {}
         scale = MODE_TABLE[mode].passing_scale  # apb: twice, as its default rule does; star: none
         if args.passing_len is not None and scale:
             budget = dict(passing_len=args.passing_len * scale)
-        self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap", **budget)
+        self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap",
+                                  ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1, **budget)
         self.route = {"torch_cp": "torch_cp", "dense_flash_attn": "flash_attn"}.get(method, "spava")
         vid = case.ids == model.config.video_token_id
         self.video_pos_full = vid[0].nonzero()[:, 0].to(device)  # token positions of the video tokens, in order
@@ -428,8 +435,11 @@ class Runner:
             self.query_ids = case.ids[:, case.context_len:].to(device)
             self.query_pos = case.positions[..., case.context_len:].to(device)
         else:
-            self.layout = ZigzagLayout(case.context_len, case.query_len, self.world, self.config)
+            self.layout = make_layout(case.context_len, case.query_len, self.world, self.config)
             ids, pos, vid1, order1 = case.ids, case.positions, vid, order
+            if isinstance(self.layout, MeshLayout):  # attention's group is the mesh; the last token has one holder
+                self.attention_group = get_mesh(device.type, world, self.config.ulysses_degree)
+                self.holder = self.layout.last_token_rank()
         lay = self.layout
         self.local_ids = lay.shard(ids, self.rank).to(device)
         self.local_pos = lay.shard(pos, self.rank, dim=2).to(device)
@@ -482,7 +492,7 @@ class Runner:
             hidden = self._cp_forward(embeds)
         else:
             keep = self.method == "spava_no_fused"
-            with spava_session(self.layout, self.config, self.group, keep_cache=keep) as session:
+            with spava_session(self.layout, self.config, self.attention_group, keep_cache=keep) as session:
                 hidden = self.decoder(inputs_embeds=embeds, position_ids=self.local_pos,
                                       use_cache=False).last_hidden_state
                 if keep:  # the separate query pass over the sharded KV cache
@@ -542,13 +552,16 @@ def _cp_backend(device, backend: str):
 _MESHES: Dict[tuple, object] = {}
 
 
-def get_mesh(device_type: str, world: int):
-    """One 1-D device mesh over the job (PyTorch CP's process group), made once."""
-    if (device_type, world) not in _MESHES:
+def get_mesh(device_type: str, world: int, ulysses_degree: int = 0):
+    """One device mesh over the job, made once: 1-D for PyTorch CP, or the 2-D mode's (``ulysses_degree`` > 0)."""
+    if (device_type, world, ulysses_degree) not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[device_type, world] = init_device_mesh(device_type, (world,))
-    return _MESHES[device_type, world]
+        from spava_ds import comm
+
+        _MESHES[device_type, world, ulysses_degree] = (comm.init_mesh(ulysses_degree, device_type) if ulysses_degree
+                                                       else init_device_mesh(device_type, (world,)))
+    return _MESHES[device_type, world, ulysses_degree]
 
 
 def install_cpu_cp_shim(world: int) -> Optional[str]:
@@ -906,6 +919,8 @@ def main(argv=None) -> int:
                    help="SDPA backend inside PyTorch's CP ring (default cudnn; falls back to flash, efficient)")
     p.add_argument("--cp-gqa", choices=["repeat", "native"], default="repeat",
                    help="torch_cp: repeat KV heads (default) or pass enable_gqa=True")
+    p.add_argument("--ulysses-degree", type=int, default=2,
+                   help="GPUs per Ulysses group of the 2-D methods (spava_2d, ring_2d; ask for them in --methods)")
     p.add_argument("--trace", default=None, help="folder: a Chrome trace of every breakdown run (torch.profiler)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the embedded tiny checkpoint, tiny inputs")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only plot and tabulate result files")
@@ -952,9 +967,12 @@ def bench(args) -> int:
 
     if args.methods is None and cuda and flash_attn_available():
         methods.insert(1, "dense_flash_attn")
-    unknown = [m for m in methods if m not in ALL_METHODS + ["dense_flash_attn"]]
+    unknown = [m for m in methods if m not in ALL_METHODS + MESH_METHODS + ["dense_flash_attn"]]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL_METHODS + ['dense_flash_attn']}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from "
+                         f"{ALL_METHODS + MESH_METHODS + ['dense_flash_attn']}")
+    if any(m in MESH_METHODS for m in methods) and (args.ulysses_degree < 1 or world % args.ulysses_degree):
+        raise SystemExit(f"--ulysses-degree {args.ulysses_degree} does not divide the {world} process(es)")
     if "dense_flash_attn" in methods and not (cuda and flash_attn_available()):
         log("dense_flash_attn needs CUDA and the flash-attn package: skipped")
         methods.remove("dense_flash_attn")

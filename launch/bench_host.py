@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import MODE_TABLE, SpavaConfig, ZigzagLayout, comm, entry  # noqa: E402
+from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, comm, entry, make_layout  # noqa: E402
 from spava_ds.attention import sp_attention  # noqa: E402
 
 MODES = [mode for mode, spec in MODE_TABLE.items() if spec.schedule != "local"]  # the modes that run over W ranks
@@ -113,20 +113,32 @@ def time_call(fn, device: torch.device, iters: int, calls: int = 8):
     return min(host), (statistics.median(gpu) if gpu else float("nan"))
 
 
-def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
+def make_call(mode: str, tokens: int, world: int, rank: int, heads, head_dim: int, query: int, device, dtype,
+              ulysses_degree: int = 1):
+    """(one call of global rank ``rank``'s attention, its layout) on random inputs, the other ranks faked. With
+    ``ulysses_degree`` U > 1 the modes that run 2-D (``MODE_TABLE``'s ``mesh`` column) run it on a (W / U) x U mesh.
+    Call it inside ``alone()``: the fake group moves nothing, the collective hook makes every collective return."""
     fake_group(rank, world)
-    config = SpavaConfig(mode=mode)
-    layout = ZigzagLayout(tokens - args.query, args.query, world, config)
+    config = SpavaConfig(mode=mode, ulysses_degree=ulysses_degree if MODE_TABLE[mode].mesh else 1)
+    layout = make_layout(tokens - query, query, world, config)
+    group = comm.init_mesh(config.ulysses_degree) if isinstance(layout, MeshLayout) else None
     n = layout.local_len(rank)
-    hq, hkv = args.heads
-    q = torch.randn(1, n, hq, args.head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, n, hkv, args.head_dim, device=device, dtype=dtype)
+    hq, hkv = heads
+    q = torch.randn(1, n, hq, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n, hkv, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
 
     def call():
         with torch.inference_mode():
-            sp_attention(q, k, v, layout, config, layer_idx=0)
+            sp_attention(q, k, v, layout, config, group=group, layer_idx=0)
 
+    return call, layout
+
+
+def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
+    u = args.ulysses_degree if MODE_TABLE[mode].mesh else 1
+    call, layout = make_call(mode, tokens, world, rank * u, args.heads, args.head_dim, args.query, device, dtype, u)
+    n = layout.local_len(rank * u)
     for _ in range(args.warmup):
         call()
     host, gpu = time_call(call, device, args.iters)
@@ -140,8 +152,8 @@ def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) 
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(args.python_profile)
         stats.sort_stats("cumulative").print_stats(args.python_profile)
-    return dict(mode=mode, tokens=tokens, world=world, rank=rank, local_tokens=n, host_ms=host * 1e3,
-                gpu_ms=gpu * 1e3, ops=count_ops(call, args.top))
+    return dict(mode=mode, tokens=tokens, world=world, rank=rank, ulysses_degree=u, local_tokens=n,
+                host_ms=host * 1e3, gpu_ms=gpu * 1e3, ops=count_ops(call, args.top))
 
 
 def main(argv=None) -> int:
@@ -150,7 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="whole sequence (context + query)")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--rank", type=int, default=1, help="the rank to stand for (1: a middle rank, both blocks)")
+    p.add_argument("--rank", type=int, default=1, help="the (inter) rank to stand for (1: a middle rank, both blocks)")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="U > 1: spava, ring, apb and star run the two-dimensional mode on a (W / U) x U mesh (rank: "
+                        "its inter rank, intra rank 0); ulysses stays flat over W")
     p.add_argument("--heads", type=int, nargs=2, default=[16, 2], metavar=("HQ", "HKV"),
                    help="query and KV heads (default: Qwen2.5-VL-3B's 16 and 2)")
     p.add_argument("--head-dim", type=int, default=128)
@@ -164,8 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     entry.add_arguments(p)
     args = p.parse_args(argv)
-    if args.rank >= min(args.world):
-        p.error(f"--rank {args.rank} is not a rank of W = {min(args.world)}")
+    if any(w % args.ulysses_degree for w in args.world):
+        p.error(f"--ulysses-degree {args.ulysses_degree} does not divide every --world {args.world}")
+    if args.rank >= min(args.world) // args.ulysses_degree:
+        p.error(f"--rank {args.rank} is not an (inter) rank of W = {min(args.world)}")
     return entry.run_main(bench, args)
 
 
@@ -189,7 +206,9 @@ def bench(args) -> int:
                     r = measure(mode, tokens, world, args.rank, args, device, dtype)
                     rows.append(r)
                     bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
-                    print(f"| {tokens} | {world} | {mode} | {r['local_tokens']} | {r['host_ms']:.3f} | "
+                    u = r["ulysses_degree"]
+                    label = mode if u == 1 else f"{mode} {world // u}x{u}"
+                    print(f"| {tokens} | {world} | {label} | {r['local_tokens']} | {r['host_ms']:.3f} | "
                           f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -202,6 +202,37 @@ def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.Proc
     return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)
 
 
+# ---- the two-dimensional mode -------------------------------------------------------------------------------------
+MESH_DIMS = ("inter", "intra")
+
+
+def init_mesh(ulysses_degree: int, device_type: Optional[str] = None):
+    """The ``DeviceMesh`` of the two-dimensional mode over the whole world: ``(W / U, U)`` with dims
+    ``("inter", "intra")``, so the U consecutive ranks of one node form an intra group. Call it on every rank
+    (it creates process groups). The device type defaults to the default group's (NCCL: ``"cuda"``, else ``"cpu"``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("init_mesh: initialise torch.distributed first (comm.init_distributed)")
+    world = dist.get_world_size()
+    if not isinstance(ulysses_degree, int) or ulysses_degree < 1 or world % ulysses_degree:
+        raise ValueError(f"init_mesh: {world} rank(s) do not split into intra groups of ulysses_degree="
+                         f"{ulysses_degree!r}")
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (world // ulysses_degree, ulysses_degree), mesh_dim_names=MESH_DIMS)
+
+
+def mesh_groups(mesh) -> Tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(inter group, intra group) of this rank in a mesh made by ``init_mesh``."""
+    names = getattr(mesh, "mesh_dim_names", None)
+    if tuple(names or ()) != MESH_DIMS:
+        raise ValueError(f"the two-dimensional mode needs a DeviceMesh with dims {MESH_DIMS} (comm.init_mesh), got "
+                         f"{type(mesh).__name__} with dims {names}")
+    return mesh.get_group("inter"), mesh.get_group("intra")
+
+
 # ---- for entry points: objects gathered across ranks, and naming a rank that died ------------------------------------
 def all_gather_objects(obj, group: Optional[dist.ProcessGroup] = None) -> list:
     """Every rank's ``obj`` (picklable) in rank order, on every rank; ``[obj]`` in a single process."""

@@ -10,6 +10,8 @@ Each step of a layer runs inside ``span(name)``. Names (``attention.py``, ``inte
 ``spava.merge.query``       waiting for the query partials of every rank and merging them by LSE
 ``spava.backward.*``        the same steps in the backward pass (``block2``, ``block1``, ``query``)
 ``spava.ulysses``           mode ulysses: the all-to-alls and the local attention of one call
+``spava.mesh.to_heads``     two-dimensional mode: the intra group's all-to-all of q, k, v (tokens to heads)
+``spava.mesh.to_tokens``    two-dimensional mode: the all-to-all of the output back (heads to tokens)
 ``spava.decode``            one decoding step of one layer (attention over the cache share and the merge)
 ==========================  ==========================================================================================
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .. import comm, kernels
 from ..attention import sp_attention
 from ..config import SpavaConfig
-from ..layout import ZigzagLayout
+from ..layout import MeshLayout, ZigzagLayout
 from ..profiling import span
 
 ATTN_NAME = "spava"
@@ -47,8 +47,10 @@ class SpavaSession:
         # exact over the whole cache.
         self.simulate = simulate
         self.config = config if config is not None else layout.config
-        self.group = group
-        self.rank, self.world = comm.group_rank_size(group)
+        self.group = group  # attention's group: the DeviceMesh in the two-dimensional mode (MeshLayout)
+        # Decoding merges over every rank; the two-dimensional mode's mesh spans the world (comm.init_mesh).
+        self.merge_group = None if isinstance(layout, MeshLayout) else group
+        self.rank, self.world = comm.group_rank_size(self.merge_group)
         self.decoding = False
         self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> this rank's k, v [b, n, Hkv, d]
 
@@ -59,7 +61,8 @@ class SpavaSession:
         self.decoding = True
 
     def cache_ranges(self) -> List[Tuple[int, int]]:
-        """Local (start, end) ranges of the prefill tokens this rank keeps: its ``ZigzagLayout.key_share``."""
+        """Local (start, end) ranges of the prefill tokens this rank keeps: its layout's ``key_share`` (the same
+        question for ``ZigzagLayout`` and ``MeshLayout``)."""
         if self.simulate:
             return [(0, self.layout.total_len)]
         return [(start, end) for start, end, _ in self.layout.key_share(self.rank)]
@@ -91,7 +94,7 @@ class SpavaSession:
                 ck, cv = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
                 self.cache[layer] = (ck, cv)
             out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
-            return comm.merge_partials(out, lse, self.group, self.world, q.dtype, async_op=False).wait()[0]
+            return comm.merge_partials(out, lse, self.merge_group, self.world, q.dtype, async_op=False).wait()[0]
 
 
 @contextlib.contextmanager
