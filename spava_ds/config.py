@@ -114,6 +114,10 @@ class SpavaConfig:
         pool_kernel: width of the max-pool that smooths the scores inside a block (odd, >= 1; 1 disables it).
         backend: local attention kernel, one of ``BACKENDS``.
         overlap: overlap the passing-block all-gathers with computation (off only for ablations).
+        cuda_graphs: inference prefill on CUDA through CUDA graphs of each layer's attention (``graphs.py``):
+            ``"auto"`` (default: where the host time matters, at most ``graphs.AUTO_MAX_TOKENS_PER_RANK`` tokens
+            per rank), ``True`` (every call that can be captured), ``False`` (never). Read by ``SpavaSession``;
+            calls that need gradients, on the CPU or on gloo always run eagerly.
 
     Integral numbers of any kind (numpy, 0-d torch tensors) are taken as Python ints. ``config.mode_spec`` is the
     mode's ``Mode`` row.
@@ -125,6 +129,7 @@ class SpavaConfig:
     pool_kernel: int = 5
     backend: str = "auto"
     overlap: bool = True
+    cuda_graphs: Union[str, bool] = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -139,6 +144,8 @@ class SpavaConfig:
         object.__setattr__(self, "pool_kernel", pool)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"SpavaConfig.overlap must be True or False, got {self.overlap!r}")
+        if not (self.cuda_graphs == "auto" or isinstance(self.cuda_graphs, bool)):
+            raise ValueError(f"SpavaConfig.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         object.__setattr__(self, "mode_spec", MODE_TABLE[self.mode])  # not a field: read on every call
 
     @classmethod
