@@ -276,7 +276,7 @@ def test_cuda_graph_replays_equal_the_eager_calls(dtype):
         for mode in ZIGZAG_MODES:
             if mode == "ulysses" and world > 1:
                 continue  # its all-to-alls need every rank's tokens; the 2-GPU test runs it
-            config = SpavaConfig(mode=mode, passing_len=[64, 128, 64, 128] if mode == "spava" else None)
+            config = SpavaConfig(mode=mode, passing_len=[64, 128] * 3 if mode == "spava" else None)
             layout = ZigzagLayout(2000 + 37, 29, world, config)
             with _fake_rank(world - 1, world):
                 cache, worst = _compare_layers(layout, config, world - 1, 6, dtype, device, hq=8, hkv=2, d=64)
@@ -291,9 +291,10 @@ def test_memory_stays_bounded_over_many_layers():
     config = SpavaConfig(mode="spava")
     layout = ZigzagLayout(8000, 48, 2, config)
     q, k, v = _qkv(layout, 1, hq=16, hkv=2, d=128, dtype=torch.bfloat16, device=device)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated(device)
     with _fake_rank(1, 2), torch.inference_mode():
+        sp_attention(q, k, v, layout, config)  # lazy state (library workspaces) is made before the count
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
         cache = AttentionGraphs(True)
         allocated = []
         for layer in range(40):
@@ -303,30 +304,52 @@ def test_memory_stays_bounded_over_many_layers():
         assert cache.stats["captures"] == 1 and cache.stats["replays"] == 39
         assert max(allocated[5:]) == allocated[5], allocated  # the pool and the buffers, once
         cache.close()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated(device) <= before
+        torch.cuda.synchronize()
+    # freed; a library workspace made for the capture's stream (cuBLAS: 32 MiB at most) may stay
+    assert torch.cuda.memory_allocated(device) <= before + (64 << 20)
 
 
-@pytest.mark.gpu
-def test_a_transformers_model_prefills_the_same_with_graphs():
+def _tiny_qwen2(device, dtype):
     from transformers import Qwen2Config, Qwen2Model
 
     from spava_ds.integrations.transformers import register
 
-    device = torch.device("cuda", torch.cuda.current_device())
     cfg = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=1000, attn_implementation=register())
+                      num_key_value_heads=2, vocab_size=1000)
     torch.manual_seed(0)
-    model = Qwen2Model(cfg).to(device=device, dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, 1000, (1, 1500), device=device)
-    hidden = {}
-    for setting in (False, True):
-        layout = ZigzagLayout(1470, 30, 1, SpavaConfig(cuda_graphs=setting))
-        with torch.no_grad(), spava_session(layout, keep_cache=False) as session:
-            hidden[setting] = model(input_ids=ids, use_cache=False).last_hidden_state
-            stats = dict(session.graphs.stats)
+    model = Qwen2Model(cfg).to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation(register())
+    return model
+
+
+def _prefill(model, ids, setting, recorder=None):
+    """The model's hidden states through a session with ``cuda_graphs=setting`` and the session's graph stats."""
+    layout = ZigzagLayout(ids.shape[1] - 30, 30, 1, SpavaConfig(cuda_graphs=setting))
+    with torch.no_grad(), spava_session(layout, keep_cache=False) as session:
+        if recorder is not None:
+            session.graphs = AttentionGraphs(setting, recorder=recorder)
+        hidden = model(input_ids=ids, use_cache=False).last_hidden_state
+        return hidden, dict(session.graphs.stats)
+
+
+def test_a_transformers_model_prefills_through_one_signature_for_all_layers():
+    model = _tiny_qwen2("cpu", torch.float32)
+    ids = torch.randint(0, 1000, (1, 300))
+    eager, _ = _prefill(model, ids, False)
+    replayed, stats = _prefill(model, ids, True, CallRecorder())
     assert stats["captures"] == 1 and stats["replays"] == 5, stats
-    assert torch.equal(hidden[True], hidden[False])
+    assert torch.equal(replayed, eager)
+
+
+@pytest.mark.gpu
+def test_a_transformers_model_prefills_the_same_with_cuda_graphs():
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = _tiny_qwen2(device, torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, 1500), device=device)
+    eager, _ = _prefill(model, ids, False)
+    replayed, stats = _prefill(model, ids, True)
+    assert stats["captures"] == 1 and stats["replays"] == 5, stats
+    assert torch.equal(replayed, eager)
 
 
 def _nccl_graphs(rank, world):
