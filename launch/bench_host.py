@@ -171,6 +171,7 @@ def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype, 
                call_ms=time_back_to_back(call, device, args.iters) * 1e3, graphs=cuda_graphs)
     if graphs is not None:
         row.update(replayed=graphs.stats["replays"] > 0, capture_ms=graphs.capture_seconds * 1e3,
+                   graph_mib=graphs.device_bytes() / 2 ** 20,
                    eager_reason=None if graphs.stats["replays"] else graphs.eager_reason(q, k, v, layout, None))
         graphs.close()
     return row
@@ -234,8 +235,8 @@ def bench(args) -> int:
 
 def _row_line(r: dict, device: torch.device) -> str:
     bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
-    graphs = "-" if not r["graphs"] else (f"replayed (capture {r['capture_ms']:.1f} ms)" if r["replayed"]
-                                         else f"eager: {r['eager_reason']}")
+    graphs = "-" if not r["graphs"] else (f"replayed (capture {r['capture_ms']:.1f} ms, {r['graph_mib']:.0f} MiB)"
+                                         if r["replayed"] else f"eager: {r['eager_reason']}")
     return (f"| {r['tokens']} | {r['world']} | {r['mode']} | {r['local_tokens']} | {r['host_ms']:.3f} | "
             f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} | {r['call_ms']:.3f} | {graphs} |")
 

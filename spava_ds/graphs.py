@@ -97,7 +97,8 @@ class CudaGraphRecorder:
 
     ``unsupported(q, group)`` says why a call cannot be captured here (None when it can); ``record(call, q, k, v)``
     captures ``call`` on static copies of q, k and v and returns the replay (a callable of q, k, v), or raises;
-    ``release(replay)`` forgets an evicted one; ``close()`` frees everything.
+    ``release(replay)`` forgets an evicted one; ``device_bytes()`` is what it holds on the device; ``close()`` frees
+    everything.
     """
 
     def __init__(self):
@@ -136,17 +137,22 @@ class CudaGraphRecorder:
         graph = torch.cuda.CUDAGraph()
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
-        with torch.cuda.device(device), torch.cuda.stream(self._stream):
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
-                output = call(*inputs)
-            except BaseException:
+        current = torch.cuda.current_stream(device)
+        self._stream.wait_stream(current)  # the capture stream follows the current one (nothing runs in a capture)
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(self._stream):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    graph.capture_end()
-                except Exception:  # noqa: BLE001 - the capture is void anyway; report the first error
-                    pass
-                raise
-            graph.capture_end()
+                    output = call(*inputs)
+                except BaseException:
+                    try:
+                        graph.capture_end()
+                    except Exception:  # noqa: BLE001 - the capture is void anyway; report the first error
+                        pass
+                    raise
+                graph.capture_end()
+        finally:
+            current.wait_stream(self._stream)
         if self._pool is None:
             self._pool = graph.pool()
         return graph, output
@@ -157,6 +163,15 @@ class CudaGraphRecorder:
             entry[1] -= 1
             if entry[1] <= 0:
                 del self._inputs[replay.meta]
+
+    def device_bytes(self) -> int:
+        """The static inputs, and the segments of the graphs' pool (one call's intermediates and every output)."""
+        held = sum(t.numel() * t.element_size() for tensors, _ in self._inputs.values() for t in tensors)
+        if self._pool is not None:
+            pool = tuple(self._pool)
+            held += sum(s["total_size"] for s in torch.cuda.memory_snapshot()
+                        if tuple(s.get("segment_pool_id", ())) == pool)
+        return held
 
     def close(self) -> None:
         self._inputs.clear()
@@ -195,7 +210,7 @@ class AttentionGraphs:
             (never: every call is ``sp_attention``).
         max_graphs: graphs kept at most (least recently used evicted first).
         recorder: how calls are captured and replayed (default: ``CudaGraphRecorder``); any object with its
-            ``unsupported``/``record``/``release``/``close`` methods.
+            ``unsupported``/``record``/``release``/``device_bytes``/``close`` methods.
 
     ``stats`` counts the calls run ``eager``, the ``captures``, ``replays``, ``evictions`` and ``failures``, and
     ``capture_seconds`` (host time spent capturing); ``disabled`` holds the reason after a failed capture.
@@ -297,6 +312,10 @@ class AttentionGraphs:
                          f"a capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         _log_once(logging.WARNING, f"CUDA graphs of the attention off for this session: {self.disabled}")
         return None
+
+    def device_bytes(self) -> int:
+        """Device memory the graphs hold beyond what the eager calls would: their pool and static buffers."""
+        return self.recorder.device_bytes()
 
     def close(self) -> None:
         """Free every graph, its pool and the static buffers (the next call of a signature starts over)."""
