@@ -10,8 +10,9 @@ How (``AttentionGraphs.sp_attention``, a drop-in for ``attention.sp_attention``)
   budget (layers with the same budget share a signature: a constant budget gives one for the whole prefill, a
   per-layer list a few), the group, the scale, the collective hook in force, the grad/inference mode, and the
   shape, strides, dtype and device of q, k and v;
-* the first call of a signature runs eagerly (it is also the warm-up: compiled merges, cuDNN plans and NCCL
-  communicators are made then, outside any capture); the second is captured into a ``torch.cuda.CUDAGraph`` that
+* the first call of a signature runs eagerly on the capture stream (it is also the warm-up: compiled merges, cuDNN
+  plans, library workspaces, NCCL communicators and P2P connections are made then, outside any capture; PyTorch's
+  CUDA-graph notes ask for a warm-up on a side stream); the second is captured into a ``torch.cuda.CUDAGraph`` that
   reads static q/k/v buffers and writes a static output, then replayed; every later call copies its q/k/v in,
   replays and returns a copy of the output (the next replay overwrites the static one);
 * all graphs of one ``AttentionGraphs`` share one memory pool, which holds the intermediates of one call (replays
@@ -95,16 +96,18 @@ class _Replay:
 class CudaGraphRecorder:
     """Captures calls into CUDA graphs that share one memory pool and, per shape, one set of static inputs.
 
-    ``unsupported(q, group)`` says why a call cannot be captured here (None when it can); ``record(call, q, k, v)``
-    captures ``call`` on static copies of q, k and v and returns the replay (a callable of q, k, v), or raises;
-    ``release(replay)`` forgets an evicted one; ``device_bytes()`` is what it holds on the device; ``close()`` frees
-    everything.
+    ``unsupported(q, group)`` says why a call cannot be captured here (None when it can); ``warm_up(call, q, k, v)``
+    runs the first call of a signature eagerly where its capture will run: on the capture stream, so that the
+    libraries' lazy per-stream state (cuBLAS and cuDNN workspaces) is made then and not during the capture, as
+    vLLM and SGLang do; ``record(call, q, k, v)`` captures ``call`` on static copies of q, k and v and returns the
+    replay (a callable of q, k, v), or raises; ``release(replay)`` forgets an evicted one; ``device_bytes()`` is
+    what it holds on the device; ``close()`` frees everything.
     """
 
     def __init__(self):
         self._pool = None
         self._stream: Optional[torch.cuda.Stream] = None
-        self._inputs: Dict[tuple, list] = {}  # (meta of q, k, v) -> [static q, k, v, graphs using them]
+        self._inputs: Dict[tuple, list] = {}  # (meta of q, k, v) -> [(static q, k, v), graphs using them]
         self._groups: Dict[int, Optional[str]] = {}  # id(group) -> why its collectives cannot be captured
 
     def unsupported(self, q: torch.Tensor, group) -> Optional[str]:
@@ -118,6 +121,15 @@ class CudaGraphRecorder:
         if key not in self._groups:
             self._groups[key] = _group_unsupported(group)
         return self._groups[key]
+
+    def warm_up(self, call: Callable, q, k, v) -> torch.Tensor:
+        stream, current = self._capture_stream(q.device), torch.cuda.current_stream(q.device)
+        stream.wait_stream(current)
+        with torch.cuda.device(q.device), torch.cuda.stream(stream):
+            out = call(q, k, v)
+        current.wait_stream(stream)
+        out.record_stream(current)  # made on the capture stream, used on the caller's
+        return out
 
     def record(self, call: Callable, q, k, v) -> _Replay:
         meta = (_meta(q), _meta(k), _meta(v))
@@ -133,14 +145,17 @@ class CudaGraphRecorder:
         entry[1] += 1
         return _Replay(graph, entry[0], output, meta)
 
-    def _capture(self, call: Callable, inputs, device):
-        graph = torch.cuda.CUDAGraph()
+    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
-        current = torch.cuda.current_stream(device)
-        self._stream.wait_stream(current)  # the capture stream follows the current one (nothing runs in a capture)
+        return self._stream
+
+    def _capture(self, call: Callable, inputs, device):
+        graph = torch.cuda.CUDAGraph()
+        stream, current = self._capture_stream(device), torch.cuda.current_stream(device)
+        stream.wait_stream(current)  # the capture stream follows the current one (nothing runs in a capture)
         try:
-            with torch.cuda.device(device), torch.cuda.stream(self._stream):
+            with torch.cuda.device(device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     output = call(*inputs)
@@ -152,7 +167,7 @@ class CudaGraphRecorder:
                     raise
                 graph.capture_end()
         finally:
-            current.wait_stream(self._stream)
+            current.wait_stream(stream)
         if self._pool is None:
             self._pool = graph.pool()
         return graph, output
@@ -210,7 +225,7 @@ class AttentionGraphs:
             (never: every call is ``sp_attention``).
         max_graphs: graphs kept at most (least recently used evicted first).
         recorder: how calls are captured and replayed (default: ``CudaGraphRecorder``); any object with its
-            ``unsupported``/``record``/``release``/``device_bytes``/``close`` methods.
+            ``unsupported``/``warm_up``/``record``/``release``/``device_bytes``/``close`` methods.
 
     ``stats`` counts the calls run ``eager``, the ``captures``, ``replays``, ``evictions`` and ``failures``, and
     ``capture_seconds`` (host time spent capturing); ``disabled`` holds the reason after a failed capture.
@@ -227,7 +242,7 @@ class AttentionGraphs:
         self.stats = collections.Counter(eager=0, captures=0, replays=0, evictions=0, failures=0)
         self.capture_seconds = 0.0
         self._graphs: "collections.OrderedDict[tuple, _Replay]" = collections.OrderedDict()
-        self._seen: Dict[tuple, int] = {}
+        self._seen: set = set()  # signatures run once (eagerly), captured if they come again
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -236,8 +251,8 @@ class AttentionGraphs:
                      config: Optional[SpavaConfig] = None, group: Optional[dist.ProcessGroup] = None,
                      layer_idx: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
         """``attention.sp_attention(q, k, v, layout, config, group, layer_idx, scale)``, replayed from a CUDA graph
-        when this signature was captured, captured on its second call, eager otherwise. Same result as the eager
-        call: the same kernels run on the same inputs."""
+        when this signature was captured, captured on its second call, eager otherwise. A replay runs the eager
+        call's kernels on the same inputs (static buffers with the inputs' strides), so it gives the same result."""
         config = config if config is not None else layout.config
         call = functools.partial(sp_attention, layout=layout, config=config, group=group, layer_idx=layer_idx,
                                  scale=scale)
@@ -279,10 +294,10 @@ class AttentionGraphs:
         if key not in self._seen:  # first sight: run eagerly (the warm-up); capture if it comes again
             if len(self._seen) >= _MAX_SEEN:
                 self._seen.clear()
-            self._seen[key] = 1
+            self._seen.add(key)
             self.stats["eager"] += 1
-            return call(q, k, v)
-        del self._seen[key]
+            return self.recorder.warm_up(call, q, k, v)
+        self._seen.discard(key)
         replay = self._capture(call, q, k, v, group)
         if replay is None:
             self.stats["eager"] += 1
@@ -309,7 +324,7 @@ class AttentionGraphs:
             self.recorder.release(replay)
         self.stats["failures"] += 1
         self.disabled = ("a capture failed on another rank" if error is None else
-                         f"a capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+                         f"a capture failed ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})")
         _log_once(logging.WARNING, f"CUDA graphs of the attention off for this session: {self.disabled}")
         return None
 
