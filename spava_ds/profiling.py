@@ -20,8 +20,8 @@ one check of the profiler state). The collectives themselves are observed with `
 ``span_hook(fn)`` lets a benchmark time the steps without a profiler: inside the block every span is
 ``fn(name)``, a context manager of the caller's (for example one that records CUDA events around the step). While a
 span hook is in force the attention runs eagerly, never from a CUDA graph (``graphs.py``), so that every call's
-steps reach it; a profiler alone does not change that: a replayed call shows as one graph launch, its ranges only
-on the calls that ran eagerly or were captured (``SpavaConfig(cuda_graphs=False)`` to see every step).
+steps reach it. A profiler alone leaves the graphs on: a replayed call shows as one graph launch, and the ranges
+appear only on the calls that ran eagerly or were captured (``SpavaConfig(cuda_graphs=False)`` to see every step).
 """
 
 from __future__ import annotations
