@@ -107,6 +107,7 @@ LABELS = {
     "spava_no_fused": "spava -fused query pass (emulated)", "spava_no_fp": "spava -frame parallelism",
     "spava_2d": "spava x ulysses (2-D)", "ring_2d": "ring x ulysses (2-D, exact)",
 }
+GRAPH_SETTINGS = {"auto": "auto", "on": True, "off": False}  # --cuda-graphs -> SpavaConfig.cuda_graphs
 QUESTION = "What is in this video?"
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 BREAKDOWN_KEYS = [
@@ -414,7 +415,8 @@ class Runner:
         if args.passing_len is not None and scale:
             budget = dict(passing_len=args.passing_len * scale)
         self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap",
-                                  ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1, **budget)
+                                  ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1,
+                                  cuda_graphs=GRAPH_SETTINGS[args.cuda_graphs], **budget)
         self.route = {"torch_cp": "torch_cp", "dense_flash_attn": "flash_attn"}.get(method, "spava")
         vid = case.ids == model.config.video_token_id
         self.video_pos_full = vid[0].nonzero()[:, 0].to(device)  # token positions of the video tokens, in order
@@ -921,6 +923,9 @@ def main(argv=None) -> int:
                    help="torch_cp: repeat KV heads (default) or pass enable_gqa=True")
     p.add_argument("--ulysses-degree", type=int, default=2,
                    help="GPUs per Ulysses group of the 2-D methods (spava_2d, ring_2d; ask for them in --methods)")
+    p.add_argument("--cuda-graphs", choices=list(GRAPH_SETTINGS), default="auto",
+                   help="SpavaConfig.cuda_graphs of every method (default auto; the breakdown run is always eager; "
+                        "give another --out for each setting)")
     p.add_argument("--trace", default=None, help="folder: a Chrome trace of every breakdown run (torch.profiler)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the embedded tiny checkpoint, tiny inputs")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only plot and tabulate result files")
@@ -988,7 +993,7 @@ def bench(args) -> int:
     card = torch.cuda.get_device_name(device) if cuda else "CPU"
     meta = dict(card=card, gpus=world, torch=torch.__version__, transformers=transformers.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["launch/bench_e2e.py"] + sys.argv[1:]),
-                dtype=str(dtype), iters=args.iters, warmup=args.warmup,
+                dtype=str(dtype), iters=args.iters, warmup=args.warmup, cuda_graphs=args.cuda_graphs,
                 inputs="synthetic: random pixel values of the Qwen grid, no video decoding (no PyAV on the GPU "
                        "image); preprocessing outside the timed region",
                 torch_cp="whole language model: every attention layer through context_parallel's ring (SDPA "

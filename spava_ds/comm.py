@@ -81,7 +81,8 @@ def collective_hook(fn: Callable):
     ``async_op=``). ``fn`` returns what ``op`` returns: a work handle (an object with ``wait()``) when
     ``async_op=True``, else None. To observe, call ``op`` and wrap its handle (e.g. to time ``wait()``); to run a
     rank without peers, return None without calling it (the outputs keep whatever they hold). The hook is
-    process-wide; nested hooks: the innermost wins.
+    process-wide; nested hooks: the innermost wins. Under CUDA graphs (``SpavaConfig.cuda_graphs``) the hook runs
+    when a call is captured, not when it is replayed: the graph holds what the hook did then.
     """
     global _COLLECTIVE_HOOK
     previous, _COLLECTIVE_HOOK = _COLLECTIVE_HOOK, fn
@@ -89,6 +90,11 @@ def collective_hook(fn: Callable):
         yield fn
     finally:
         _COLLECTIVE_HOOK = previous
+
+
+def active_collective_hook() -> Optional[Callable]:
+    """The function of the innermost ``collective_hook`` in force, or None."""
+    return _COLLECTIVE_HOOK
 
 
 def _run(op, *args, **kwargs):

@@ -123,6 +123,10 @@ class SpavaConfig:
             W / ulysses_degree groups. 1 (the default) is the flat layout over all W ranks. Only the modes
             whose ``MODE_TABLE`` row has ``mesh`` (``MESH_MODES``: the block schedule; ``ulysses`` is head-parallel
             already, ``dense`` one process).
+        cuda_graphs: inference prefill on CUDA through CUDA graphs of each layer's attention (``graphs.py``):
+            ``"auto"`` (default: where the host time matters, at most ``graphs.AUTO_MAX_TOKENS_PER_RANK`` tokens
+            per rank), ``True`` (every call that can be captured), ``False`` (never). Read by ``SpavaSession``;
+            calls that need gradients, on the CPU or on gloo always run eagerly.
 
     Integral numbers of any kind (numpy, 0-d torch tensors) are taken as Python ints. ``config.mode_spec`` is the
     mode's ``Mode`` row.
@@ -135,6 +139,7 @@ class SpavaConfig:
     backend: str = "auto"
     overlap: bool = True
     ulysses_degree: int = 1
+    cuda_graphs: Union[str, bool] = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -149,6 +154,8 @@ class SpavaConfig:
         object.__setattr__(self, "pool_kernel", pool)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"SpavaConfig.overlap must be True or False, got {self.overlap!r}")
+        if not (self.cuda_graphs == "auto" or isinstance(self.cuda_graphs, bool)):
+            raise ValueError(f"SpavaConfig.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         object.__setattr__(self, "mode_spec", MODE_TABLE[self.mode])  # not a field: read on every call
         degree = as_int(self.ulysses_degree)
         if degree is None or degree < 1:

@@ -8,7 +8,9 @@ on the version of transformers' cache classes:
 * **prefill** (the first forward in a session): the model runs on this rank's tokens in the zigzag layout (ids or
   embeddings, and position ids, sharded with ``layout.shard``); every attention layer calls
   ``sp_attention`` in the session's mode, then keeps its share of the keys/values: its two blocks, and on rank 0
-  also the anchor and the query block. The union over ranks is the whole sequence, each token once.
+  also the anchor and the query block. The union over ranks is the whole sequence, each token once. On CUDA,
+  without gradients, the calls go through CUDA graphs per ``SpavaConfig.cuda_graphs`` (``graphs.py``: the second
+  layer of a signature is captured, the later ones replayed); they are freed when the prefill ends.
 * **decode** (``session.decode()`` after the prefill): every rank runs the new token (replicated); each attention
   layer attends it to this rank's cache share and the partials merge by LSE across ranks: exact attention over the
   distributed cache. Rank 0 appends the new token's keys/values to its share.
@@ -26,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm, kernels
-from ..attention import sp_attention
 from ..config import SpavaConfig
+from ..graphs import AttentionGraphs
 from ..layout import MeshLayout, ZigzagLayout
 from ..profiling import span
 
@@ -53,11 +55,13 @@ class SpavaSession:
         self.rank, self.world = comm.group_rank_size(self.merge_group)
         self.decoding = False
         self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> this rank's k, v [b, n, Hkv, d]
+        self.graphs = AttentionGraphs(self.config.cuda_graphs)  # the prefill's CUDA graphs, if any
 
     def decode(self) -> None:
-        """Switch from the prefill to decoding (one token per forward)."""
+        """Switch from the prefill to decoding (one token per forward); the prefill's CUDA graphs are freed."""
         if not self.cache:
             raise RuntimeError("SpavaSession.decode(): run the prefill first")
+        self.graphs.close()
         self.decoding = True
 
     def cache_ranges(self) -> List[Tuple[int, int]]:
@@ -75,7 +79,7 @@ class SpavaSession:
     # ---- called by the attention function ------------------------------------------------------------------------
     def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
         if not self.simulate:
-            out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
+            out = self.graphs.sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
         elif self.config.mode_spec.exact:
             out = kernels.dense_causal_attention(q, k, v, scale)
         else:
@@ -112,6 +116,7 @@ def spava_session(layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
         yield session
     finally:
         _SESSION.reset(token)
+        session.graphs.close()
 
 
 def spava_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
