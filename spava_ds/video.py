@@ -596,8 +596,8 @@ def iter_frames(meta: VideoMetadata, indices, threads: int | None = None, stats:
     order. The wanted frames are split at keyframes into groups; `decoders` concurrent decoders (each its own
     demuxer and FFmpeg decoder with `threads` frame and slice threads; default: `decoder_layout`) take the groups
     in turn, each seeking to its group's keyframe and stopping after its last frame. Raises VideoError when a frame
-    the metadata promises does not decode. `stats`, when given, gets "decoded_frames": how many frames the
-    decoders produced."""
+    the metadata promises does not decode. `stats`, when given, gets "decoded_frames" (how many frames the
+    decoders produced), "decoders" and "decoder_threads" (the layout used)."""
     indices = list(indices)
     if not indices:
         return
@@ -609,6 +609,7 @@ def iter_frames(meta: VideoMetadata, indices, threads: int | None = None, stats:
     decoders, threads = decoder_layout(len(groups), decoders, threads)
     stats = stats if stats is not None else {}
     stats.setdefault("decoded_frames", 0)
+    stats.update(decoders=decoders, decoder_threads=threads)
     for index, rgb in _decode_groups(meta, groups, decoders, threads, stats):
         for _ in range(repeats[index]):
             yield rgb
@@ -791,7 +792,7 @@ def video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = N
     Equal to the same rows of `preprocess_video(resize_frames(read_video(...)))`, bit for bit, on the CPU and on a
     GPU. `decoders` and `threads` set the decoding (`iter_frames`, `decoder_layout`). `timings`, when given, gets the
     seconds spent waiting for decoded frames ("decode", RGB conversion included) and preprocessing ("preprocess",
-    with the wait for the device at the end), and the number of frames the decoders produced ("decoded_frames").
+    with the wait for the device at the end), and `iter_frames`' stats ("decoded_frames", the decoder layout).
     """
     stop_step = plan.num_steps if stop_step is None else stop_step
     device = torch.device(device if device is not None else "cpu")
