@@ -394,7 +394,9 @@ def plan_video(video: str | os.PathLike | VideoMetadata, fps: float | None = Non
 # Overrides of the decoder layout (documented in docs/inference.md); the arguments of iter_frames/video_pixels win.
 DECODERS_ENV = "SPAVA_VIDEO_DECODERS"                 # concurrent decoders of one process
 DECODER_THREADS_ENV = "SPAVA_VIDEO_DECODER_THREADS"   # FFmpeg threads of each decoder
-_QUEUE_FRAMES = 4  # decoded RGB frames a decoder may hold ahead of the consumer
+# Decoded RGB frames all decoders of a process may hold ahead of the consumer (in bytes): enough for each to hold a
+# whole group (the frames come out in order, so a decoder ahead of the consumer must keep its group's frames).
+_AHEAD_BYTES = 512 << 20
 
 
 def rank_cores() -> int:
@@ -555,39 +557,49 @@ def _decoder(meta: VideoMetadata, groups: List[List[int]], seek: bool, threads: 
 def _decode_groups(meta: VideoMetadata, groups: List[List[int]], decoders: int, threads: int, stats: dict,
                    seek: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
     """`(index, RGB frame)` of every group in order; group g is decoded by decoder g % `decoders`, each in its own
-    thread, a few frames ahead of the consumer at most. A group's missing frame raises VideoError after the frames
-    before it; a seek that misses turns the rest into one decode from the start (as without seeking)."""
+    thread, which may hold one group's frames ahead of the consumer (within _AHEAD_BYTES for all). A seek that
+    misses turns the rest into one decode from the start (as without seeking)."""
+    # the decoder of the group being consumed needs no room ahead; the others must keep a whole group each
+    frame_bytes = meta.width * meta.height * 3
+    ahead = max(2, min(max(map(len, groups)) + 1, _AHEAD_BYTES // (decoders * frame_bytes))) if decoders > 1 else 2
     stop = threading.Event()
-    queues = [queue.Queue(_QUEUE_FRAMES) for _ in range(decoders)]
+    queues = [queue.Queue(ahead) for _ in range(decoders)]
     workers = [threading.Thread(target=_decoder, args=(meta, groups[w::decoders], seek, threads, queues[w], stop),
                                 name=f"spava-decoder-{w}", daemon=True) for w in range(decoders)]
     for worker in workers:
         worker.start()
+    missed = None
     try:
         for g, wanted in enumerate(groups):
-            got = 0
-            while True:
-                kind, index, item = queues[g % decoders].get()
-                if kind == "error":
-                    raise item
-                if kind != "frame":
-                    break
-                got += 1
-                yield index, item
-            stats["decoded_frames"] = stats.get("decoded_frames", 0) + item
-            if kind == "missed":
+            if (yield from _group_frames(queues[g % decoders], meta, wanted, stats)) == "missed":
+                missed = g
                 break
-            if got < len(wanted):
-                raise VideoError(f"{meta.path!r} is truncated or corrupt: frame {wanted[got]} of the "
-                                 f"{meta.num_frames} its metadata promises does not decode")
-        else:
-            return
     finally:
         stop.set()
         for worker in workers:
             worker.join()
-    rest = [index for group in groups[g:] for index in group]
-    yield from _decode_groups(meta, [rest], 1, decoders * threads, stats, seek=False)
+    if missed is not None:
+        rest = [index for group in groups[missed:] for index in group]
+        yield from _decode_groups(meta, [rest], 1, decoders * threads, stats, seek=False)
+
+
+def _group_frames(frames: queue.Queue, meta: VideoMetadata, wanted: List[int], stats: dict):
+    """Yield one group's `(index, RGB frame)` from its decoder's queue; returns "done" or "missed" (its seek landed
+    late), raises the decoder's error, or VideoError for a frame that did not decode (after the frames before it)."""
+    got = 0
+    while True:
+        kind, index, item = frames.get()
+        if kind == "error":
+            raise item
+        if kind != "frame":
+            break
+        got += 1
+        yield index, item
+    stats["decoded_frames"] = stats.get("decoded_frames", 0) + item
+    if kind == "done" and got < len(wanted):
+        raise VideoError(f"{meta.path!r} is truncated or corrupt: frame {wanted[got]} of the {meta.num_frames} its "
+                         "metadata promises does not decode")
+    return kind
 
 
 def iter_frames(meta: VideoMetadata, indices, threads: int | None = None, stats: dict | None = None,
