@@ -22,14 +22,17 @@ rank; the table gives each part's largest value over the ranks.
 
 ``--share-worlds 2 4`` adds the one-rank-share mode (one GPU, rank 0 only): the metadata plan plus rank r of W's
 decode + preprocess alone, for every r, as one rank of a W-GPU job would do it (the target: at most 0.35 s for the
-slowest rank at W = 4 at 128K tokens).
+slowest rank at W = 4 at 128K tokens). ``--decoder-counts 1 2 4 8 16`` adds decoding alone (the whole video and rank
+0 of each W) with each number of concurrent decoders, and the preprocessing of 100 frames on the device: how
+decoding scales with the host's cores, in the same run.
 
 Results are JSON lines in --out, written as each measurement ends; a rerun of the same command skips what is there
 (and --time-budget stops starting new measurements after that many seconds: rerun to continue). --table prints the
 tables of one or more result files.
 
-    # one GPU: dense and the one-rank shares, 7B shape, 360p and 720p, 32K-128K
-    python launch/bench_ttft.py --models 7b --share-worlds 2 4 --out .bench/ttft_1gpu.jsonl --time-budget 480
+    # one GPU: dense and the one-rank shares, 7B shape, 360p and 720p, 32K-128K, and the decoders' scaling
+    python launch/bench_ttft.py --models 7b --share-worlds 2 4 --decoder-counts 1 2 4 8 16 \
+        --out .bench/ttft_1gpu.jsonl --time-budget 480
     # 4 GPUs: every method, and dense on rank 0
     torchrun --standalone --nproc_per_node 4 launch/bench_ttft.py --models 7b --out .bench/ttft_4gpu.jsonl
     # CPU smoke run: the embedded tiny checkpoint, a tiny video (also under torchrun --nproc_per_node 2)
