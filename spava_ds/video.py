@@ -427,14 +427,14 @@ def decoder_layout(groups: int = 1 << 30, decoders: int | None = None,
     """How one process decodes `groups` independent keyframe groups: (decoders, FFmpeg threads per decoder).
 
     A value given (argument, else $SPAVA_VIDEO_DECODERS / $SPAVA_VIDEO_DECODER_THREADS) is kept; the rest divide
-    `rank_cores()`: by default a decoder per core (independent groups scale linearly, FFmpeg's frame threads less),
-    at most one per group, and the cores left to the decoders' threads.
+    `rank_cores()`: by default a decoder per 2 cores (FFmpeg's frame threads scale well in pairs, and fewer Python
+    threads wait less for each other on a busy host), at most one per group, and the cores left to their threads.
     """
     decoders = _setting(decoders, "decoders", DECODERS_ENV)
     threads = _setting(threads, "decoder threads", DECODER_THREADS_ENV)
     cores = rank_cores()
     if decoders is None:
-        decoders = max(1, cores // (threads or 1))
+        decoders = max(1, cores // (threads or 2))
     decoders = min(decoders, groups)
     return decoders, threads or max(1, cores // decoders)
 

@@ -571,9 +571,9 @@ def test_decoder_layout_divides_the_cores_of_the_rank(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8, 24)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert rank_cores() == 16  # pinned by the launcher: its cores are its own
-    assert decoder_layout(14) == (14, 1)  # a decoder per core, one per keyframe group at most
-    assert decoder_layout(3) == (3, 5) and decoder_layout(1) == (1, 16)  # the cores left go to FFmpeg's threads
-    assert decoder_layout(100, decoders=4) == (4, 4) and decoder_layout(100, threads=2) == (8, 2)
+    assert decoder_layout(14) == (8, 2)  # a decoder per 2 cores
+    assert decoder_layout(3) == (3, 5) and decoder_layout(1) == (1, 16)  # one per keyframe group at most
+    assert decoder_layout(100, decoders=4) == (4, 4) and decoder_layout(100, threads=1) == (16, 1)
     monkeypatch.setenv(DECODERS_ENV, "2")
     assert decoder_layout(100) == (2, 8) and decoder_layout(100, decoders=5) == (5, 3)  # the argument wins
     monkeypatch.setenv(DECODER_THREADS_ENV, "3")
