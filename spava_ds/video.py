@@ -463,10 +463,10 @@ def _decode_group(container, stream, meta: VideoMetadata, wanted: List[int], see
     by its timestamp; raises _SeekMissed when the first decoded frame lies after the first wanted one."""
     av = _import_av()
     key = meta.keyframes[bisect.bisect_right(meta.keyframes, wanted[0]) - 1] if seek else 0
-    if key > 0:
-        container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
     index, position = key - 1, 0
     try:
+        if key > 0:
+            container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
         for frame in _decode_needed(container, stream, meta, set(wanted)):
             stats["decoded_frames"] += 1
             index = _frame_index(meta, frame.pts, index + 1)
