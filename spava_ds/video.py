@@ -551,6 +551,8 @@ def _decoder(meta: VideoMetadata, groups: List[List[int]], seek: bool, threads: 
                 if not put(("done", None, stats["decoded_frames"])):
                     return
     except BaseException as err:  # noqa: BLE001 -- handed to the consumer, which raises it
+        if isinstance(err, _import_av().FFmpegError):  # e.g. the RGB conversion
+            err = VideoError(f"cannot read video {meta.path!r}: {err}")
         put(("error", None, err))
 
 
