@@ -368,6 +368,37 @@ def tables(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: List[dict], out: str) -> None:
+    """A PNG of the time to first token from the file and its parts, per resolution and context, for each method,
+    GPU count and pipeline of the ``ttft`` rows (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ttft = [r for r in rows if r.get("kind") == "ttft" and r.get("status") == "ok"]
+    card = next((r["card"] for r in rows if r.get("card")), "")
+    resolutions = sorted({r["resolution"] for r in ttft})
+    fig, axes = plt.subplots(1, len(resolutions), figsize=(6.5 * len(resolutions), 4.5), squeeze=False)
+    colours = dict(zip(PARTS, plt.get_cmap("tab10").colors))
+    for ax, resolution in zip(axes[0], resolutions):
+        mine = sorted((r for r in ttft if r["resolution"] == resolution),
+                      key=lambda r: (r["target"], METHODS.index(r["method"]), r["gpus"], PIPELINES.index(r["pipeline"])))
+        labels = []
+        for x, r in enumerate(mine):
+            bottom = 0.0
+            for part in PARTS:
+                ax.bar(x, r["parts"][part], bottom=bottom, color=colours[part], label=part if x == 0 else None)
+                bottom += r["parts"][part]
+            labels.append(f"{r['context_tokens'] // 1000}K\n{r['method']} x{r['gpus']}\n{r['pipeline']}")
+        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set_ylabel("seconds from the file to the first token")
+        ax.set_title(f"{mine[0]['model']} shape, {resolution}, {card}" if mine else resolution)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,6 +426,8 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no measurement after this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the embedded tiny checkpoint, tiny videos")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL", help="only print the tables of files")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --table: also draw the time-to-first-token parts "
+                   "of those files (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -490,6 +523,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
         print(tables(read_results(args.table)))
+        if args.plot:
+            plot(read_results(args.table), args.plot)
         return 0
     from transformers import __version__ as transformers_version
 
