@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen2.5-VL checkpoint on video question answering with sequence parallelism (DeepSpeed launcher).
+"""Fine-tune a video checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL3) on video question answering with sequence parallelism (DeepSpeed launcher).
 
     deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config configs/finetune_zero2_sp2.json \\
         --model spava_ds/assets/tiny-qwen2.5-vl --train data/train.jsonl --eval data/test.jsonl --output runs/tiny
@@ -28,7 +28,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
-from spava_ds.integrations.transformers import spava_attn_implementation  # noqa: E402
 from spava_ds.tasks import load_records  # noqa: E402
 from spava_ds.training import VideoQAModel, add_answer, exact_match, sp_group  # noqa: E402
 
@@ -40,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"spava\" block (configs/)")
-    p.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Qwen2.5-VL, Qwen3-VL, InternVL)")
     p.add_argument("--train", required=True, help="jsonl of {video, question, answer} (spava_ds.tasks writes one)")
     p.add_argument("--eval", default=None, help="held-out jsonl for accuracy and loss")
     p.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, model/ (the export)")
@@ -228,8 +227,8 @@ def export(qa: VideoQAModel, tokenizer, settings: dict, model_dir: str, out_dir:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import deepspeed
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+    from spava_ds import models
     from spava_ds.engine import SpavaEngine
     from spava_ds.video import load_video_settings
 
@@ -254,9 +253,7 @@ def main(argv=None) -> dict:
                     "may be dropped (raise --max_frames)", longest, settings["max_frames"])
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    hf_config = AutoConfig.from_pretrained(args.model)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation=spava_attn_implementation(hf_config)).to(device)
+    model = models.load(args.model, device, torch.float32, tokenizer=False)[0]  # the family from its config
     qa = VideoQAModel(model, spava_config)
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(qa.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = None if "scheduler" in ds else _torch_schedule(total_steps, max(1, round(args.warmup_ratio *

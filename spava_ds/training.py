@@ -30,6 +30,7 @@ from .config import SpavaConfig
 from .integrations.deepspeed import replicated_token_weights
 from .integrations.transformers import spava_session, text_decoder
 from .layout import ZigzagLayout
+from .models import family_of
 
 IGNORE_INDEX = -100
 
@@ -50,7 +51,7 @@ def add_answer(engine, inputs: Dict, answer: str) -> Dict:
     ``i`` must predict, ``IGNORE_INDEX`` outside the answer."""
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError("empty answer: every record needs a non-empty \"answer\"")
-    answer_ids = engine._ids(answer.strip()) + engine._ids("<|im_end|>")
+    answer_ids = engine.family.answer_ids(answer.strip())  # the answer and the chat template's end of turn
     n = len(answer_ids)
     ids = torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
     # The answer continues the text positions after the prompt, as decoding does (engine.generate: max + 1, ...).
@@ -64,7 +65,7 @@ def add_answer(engine, inputs: Dict, answer: str) -> Dict:
 
 
 class VideoQAModel(torch.nn.Module):
-    """A Qwen2.5-VL model whose forward returns this rank's share of the answer loss of one sharded sample.
+    """A video model of a supported family (``spava_ds.models``) whose forward returns this rank's share of the answer loss of one sharded sample.
 
     DeepSpeed wraps this module: ``loss = engine(sample)``, then ``engine.backward(loss)``. The SP group is set
     after ``deepspeed.initialize`` (which builds it) with ``set_group``.
@@ -86,21 +87,12 @@ class VideoQAModel(torch.nn.Module):
     def layout(self, sample: Dict) -> ZigzagLayout:
         return ZigzagLayout(sample["context_len"], sample["query_len"], self.world, self.config)
 
-    def _embeddings(self, sample: Dict, layout: ZigzagLayout, device, dtype) -> torch.Tensor:
-        """This rank's input embeddings, video tokens replaced by the frame-parallel vision features."""
-        from .integrations.qwen_vision import video_features
-
-        ids = sample["input_ids"]
-        embeds = text_decoder(self.model).embed_tokens(layout.shard(ids, self.rank).to(device))
-        # Each rank encodes ~1/W of the temporal steps (the sample holds only its own frames); the all-gather's
-        # backward sums the feature gradients.
-        features = video_features(self.model.model.visual, sample, self.group, device, dtype)
-        is_video = ids == self.model.config.video_token_id
-        order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(device)
-        local_video = layout.shard(is_video, self.rank).to(device)
-        embeds = embeds.clone()  # the embedding output is a leaf of nothing we may overwrite in place
-        embeds[local_video] = features[order[local_video]].to(embeds.dtype)
-        return embeds
+    def _embeddings(self, sample: Dict, layout: ZigzagLayout, device, dtype):
+        """This rank's input embeddings, visual tokens replaced by the frame-parallel vision features (each rank
+        encodes its own frames; the all-gather's backward sums the feature gradients), and the decoder's extra
+        arguments (the model family's: ``spava_ds.models``)."""
+        return family_of(self.model).local_embeddings(sample, lambda x, dim=1: layout.shard(x, self.rank, dim),
+                                                      self.group, device, dtype)
 
     def forward(self, sample: Dict) -> torch.Tensor:
         param = next(self.model.parameters())
@@ -110,9 +102,9 @@ class VideoQAModel(torch.nn.Module):
         local_pos = layout.shard(positions, self.rank, dim=positions.dim() - 1).to(device)
         labels = layout.shard(sample["labels"], self.rank).to(device)[0]
         with spava_session(layout, self.config, self.group, keep_cache=False):
-            embeds = self._embeddings(sample, layout, device, dtype)
-            hidden = text_decoder(self.model)(inputs_embeds=embeds, position_ids=local_pos,
-                                              use_cache=False).last_hidden_state[0]
+            embeds, extras = self._embeddings(sample, layout, device, dtype)
+            hidden = text_decoder(self.model)(inputs_embeds=embeds, position_ids=local_pos, use_cache=False,
+                                              **extras).last_hidden_state[0]
         mask = labels != IGNORE_INDEX
         # Logits only where a label exists: the vocabulary projection of the whole video would dominate memory.
         logits = self.model.get_output_embeddings()(hidden[mask]).float()
