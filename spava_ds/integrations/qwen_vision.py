@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..comm import gather_rows, group_rank_size
 
 __all__ = [
-    "frame_parallel_vision", "frame_parallel_forward", "video_features", "video_outputs", "rank_pixels",
+    "frame_parallel_vision", "frame_parallel_forward", "video_features", "rank_pixels",
     "vision_fields", "temporal_shares", "temporal_range", "encode_video",
     "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
     "varlen_attention", "available_backends", "BACKENDS",
@@ -199,19 +199,13 @@ def rank_pixels(inputs: dict, group: Optional[dist.ProcessGroup] = None, device:
     return pixels.to(device, dtype) if device is not None or dtype is not None else pixels
 
 
-def video_outputs(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,
-                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-    """``vision_fields`` of the video of ``inputs`` on every rank of ``group``: this rank encodes its ``rank_pixels``
-    and the fields are all-gathered (``frame_parallel_forward``)."""
-    pixels = rank_pixels(inputs, group, device, dtype)
-    grid = inputs["video_grid_thw"].to(pixels.device)
-    return vision_fields(frame_parallel_forward(visual, pixels, grid, group, visual.config))
-
-
 def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,
                    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The merged features of the video of ``inputs`` on every rank of ``group`` (``video_outputs``' first field)."""
-    return video_outputs(visual, inputs, group, device, dtype)[0]
+    """The merged features of the video of ``inputs`` on every rank of ``group``: this rank encodes its
+    ``rank_pixels`` and the features are all-gathered (``frame_parallel_vision``). The model families
+    (``spava_ds.models``) do the same for every field, DeepStack's included."""
+    pixels = rank_pixels(inputs, group, device, dtype)
+    return frame_parallel_vision(visual, pixels, inputs["video_grid_thw"].to(pixels.device), group)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class ModelFamily:
     model_types: Tuple[str, ...] = ("qwen2", "llama")
     label = "Qwen2 / Llama (text)"
     has_vision = False
+    decoder_inputs: Tuple[str, ...] = ()  # the decoder's extra per-token arguments (``decoder_extras``)
 
     def __init__(self, model: torch.nn.Module, tokenizer=None):
         self.model, self.config, self.tokenizer = model, model.config, tokenizer
@@ -167,6 +168,11 @@ class VideoFamily(ModelFamily):
         """The token whose embeddings the visual features replace."""
         raise NotImplementedError
 
+    @property
+    def frames_per_step(self) -> int:
+        """Frames of one temporal step of the plan (the unit of the frame split)."""
+        raise NotImplementedError
+
     def placeholder(self) -> str:
         """The text the chat template writes for a video item, which the processor replaces."""
         raise NotImplementedError
@@ -184,8 +190,15 @@ class VideoFamily(ModelFamily):
         raise NotImplementedError
 
     def encode(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
-        """The visual features of the video of ``inputs`` on every rank of ``group`` (this rank encodes its own
-        frames): ``[features [N, D], *extra per-token fields]``."""
+        """The visual features of the video of ``inputs`` (``SpavaEngine.video_inputs``) on every rank of ``group``:
+        this rank's frames (``rank_pixels``: decoded if the inputs hold another rank's) through ``encode_pixels``."""
+        pixels = self.model_pixels(rank_pixels(inputs, group, device, dtype))
+        return self.encode_pixels(pixels, inputs["video_grid_thw"].to(pixels.device), group)
+
+    def encode_pixels(self, pixels: torch.Tensor, grid_thw: torch.Tensor, group=None) -> List[torch.Tensor]:
+        """The features of a video of grid ``grid_thw`` from every pixel or this rank's (``model_pixels`` shape),
+        the vision tower split over ``group`` (each rank encodes its own frames, then one all-gather):
+        ``[features [N, D], *extra per-token fields]``, the same on every rank."""
         raise NotImplementedError
 
     def decoder_extras(self, fields: List[torch.Tensor], slots) -> dict:

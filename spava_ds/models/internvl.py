@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..comm import gather_rows, group_rank_size
-from ..integrations.qwen_vision import rank_pixels, temporal_range, temporal_shares
+from ..integrations.qwen_vision import temporal_range, temporal_shares
 from ..video import plan_video
 from .base import VideoFamily, patched
 
@@ -41,6 +41,8 @@ class InternVLFamily(VideoFamily):
         if height != width:
             raise ValueError(f"InternVL frames are square tiles; this vision tower takes {height}x{width}")
         return height
+
+    frames_per_step = 1  # a temporal step of the plan is one frame
 
     @property
     def tokens_per_frame(self) -> int:
@@ -87,12 +89,10 @@ class InternVLFamily(VideoFamily):
     def encode_for_model(self, pixels: torch.Tensor, prompt: dict):
         return self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
 
-    def encode(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
-        pixels = self.model_pixels(rank_pixels(inputs, group, device, dtype))
-        frames = int(inputs["video_grid_thw"][:, 0].sum())
-        features = frame_parallel_images(self.model.model.get_image_features, pixels, frames, group).pooler_output
-        return [features.flatten(0, 1)]
-
+    def encode_pixels(self, pixels: torch.Tensor, grid_thw: torch.Tensor, group=None) -> List[torch.Tensor]:
+        frames = int(grid_thw[:, 0].sum())
+        return [frame_parallel_images(self.model.model.get_image_features, pixels, frames, group)
+                .pooler_output.flatten(0, 1)]
 
     def vision_parallel(self, group, input_ids):
         """``get_image_features`` split over ``group`` by frames (``frame_parallel_images``); the frame count comes

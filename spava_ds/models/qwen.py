@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrations.qwen_vision import enable_fused_vision_attention, frame_parallel_forward, video_outputs
+from ..integrations.qwen_vision import enable_fused_vision_attention, frame_parallel_forward, vision_fields
 from ..video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, plan_video
 from .base import Shard, VideoFamily, patched, visual_slots
 
@@ -35,6 +35,10 @@ class Qwen2_5_VLFamily(VideoFamily):
     @property
     def feature_token_id(self) -> int:
         return self.config.video_token_id
+
+    @property
+    def frames_per_step(self) -> int:
+        return self.config.vision_config.temporal_patch_size
 
     @property
     def video_end_id(self) -> int:
@@ -80,8 +84,9 @@ class Qwen2_5_VLFamily(VideoFamily):
         return self.model.model.get_video_features(pixel_values_videos=pixels, video_grid_thw=prompt["video_grid_thw"],
                                                    return_dict=True)
 
-    def encode(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
-        return video_outputs(self.model.model.visual, inputs, group, device, dtype)
+    def encode_pixels(self, pixels: torch.Tensor, grid_thw: torch.Tensor, group=None) -> List[torch.Tensor]:
+        visual = self.model.model.visual
+        return vision_fields(frame_parallel_forward(visual, pixels, grid_thw, group, visual.config))
 
     def fuse_vision_attention(self) -> None:
         enable_fused_vision_attention(self.model)
@@ -101,6 +106,7 @@ class Qwen2_5_VLFamily(VideoFamily):
 class Qwen3VLFamily(Qwen2_5_VLFamily):
     model_types = ("qwen3_vl",)
     label = "Qwen3-VL"
+    decoder_inputs = ("visual_pos_masks", "deepstack_visual_embeds")
     default_video_settings = dict(min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, fps=2.0, max_frames=768,
                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
