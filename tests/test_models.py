@@ -158,6 +158,22 @@ def test_prompts_follow_the_processors(setup):
         f"{QUESTION}<|im_end|>\n<|im_start|>assistant\nThe"
 
 
+def test_fused_vision_attention_of_qwen3_vl(setup):
+    """The one-call variable-length vision attention (flex_attention with a block-diagonal mask, eager on the CPU)
+    gives the Qwen3-VL tower's own features, DeepStack's included."""
+    from spava_ds.integrations.qwen_vision import disable_fused_vision_attention, enable_fused_vision_attention
+
+    dirs, video = setup
+    engine = _engine(dirs["qwen3_vl"], SpavaConfig(mode="dense"))
+    inputs = _inputs(engine, video)
+    with torch.no_grad():
+        plain = engine.family.encode(inputs, comm.SELF)
+        enable_fused_vision_attention(engine.model, backend="flex_eager", block_size=16)
+        fused = engine.family.encode(inputs, comm.SELF)
+        assert disable_fused_vision_attention(engine.model) == 3
+    assert len(plain) == 3 and all(_close(a, b, 1e-5) for a, b in zip(plain, fused))
+
+
 # ---- engine, generate() and fine-tuning against transformers: W = 2 and 3 spawned once each, W = 1 here --------------
 def _reference(engine, video):
     """transformers' own model (SDPA) and generate on one process, from the whole video's pixels: greedy tokens and
