@@ -21,7 +21,7 @@ The default (``--preset tiny``) output is unchanged.
 ``--family`` (default ``qwen2_5_vl``) picks the architecture of a tiny checkpoint (made in about a second, a few MB;
 the tests make them in a temporary folder): ``qwen3_vl`` (interleaved M-RoPE, timestamps in the chat prompt,
 DeepStack from two vision layers), ``internvl`` (112x112 tiles, 16 tokens a frame after the pixel shuffle) and
-``qwen2`` (text only). Their language models have 12 query and 6 KV heads (head_dim 16), so every exact mode,
+``qwen2`` and ``llama`` (text only). Their language models have 12 query and 6 KV heads (head_dim 16), so every exact mode,
 Ulysses included, runs on 1, 2 or 3 processes.
 """
 
@@ -216,6 +216,7 @@ FAMILIES = {
         specials=INTERNVL_TOKENS, template=chatml_template("<video>\\n", "<IMG_CONTEXT>\\n", None),
         video=dict(fps=2.0, max_frames=64, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])),
     "qwen2": dict(specials={}, template=chatml_template("", "", "You are a helpful assistant."), video=None),
+    "llama": dict(specials={}, template=chatml_template("", "", "You are a helpful assistant."), video=None),
 }
 # 12 query and 6 KV heads: Ulysses splits them over 2 and 3 ranks
 TEXT = dict(hidden_size=192, intermediate_size=256, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=6,
@@ -224,13 +225,14 @@ TEXT = dict(hidden_size=192, intermediate_size=256, num_hidden_layers=4, num_att
 
 def build_family_config(family: str, tokenizer):
     """The tiny config of ``family`` (not Qwen2.5-VL: ``build_config``)."""
-    from transformers import InternVLConfig, Qwen2Config, Qwen3VLConfig
+    from transformers import InternVLConfig, LlamaConfig, Qwen2Config, Qwen3VLConfig
 
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     text = dict(TEXT, vocab_size=len(tokenizer), **special)
-    if family == "qwen2":
-        return Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype="float32")
+    if family in ("qwen2", "llama"):
+        config_class = Qwen2Config if family == "qwen2" else LlamaConfig
+        return config_class(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype="float32")
     if family == "qwen3_vl":
         # head_dim 16: 8 frequency pairs, interleaved as t, h, w (transformers' Qwen3-VL rotary)
         rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}

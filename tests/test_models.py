@@ -1,4 +1,4 @@
-"""Model families (``spava_ds.models``): Qwen2.5-VL, Qwen3-VL, InternVL3 and a Qwen2 text model, each a tiny random
+"""Model families (``spava_ds.models``): Qwen2.5-VL, Qwen3-VL, InternVL3, Qwen2 and Llama, each a tiny random
 checkpoint (``launch/make_tiny_model.py``; the new ones made here in a temporary folder).
 
 * prompts: the video part of each family's prompt is what transformers' own processor writes (Qwen3-VL's timestamps,
@@ -33,7 +33,7 @@ from spava_ds.models import cache_kwarg  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "qwen2")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "qwen2", "llama")
 MAX_NEW = 5
 QUESTION = "What is in this video?"
 CONTEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
@@ -276,7 +276,7 @@ def test_families_match_transformers(setup, references, world):
             if "features" in ref:  # frame-parallel encoding == one device's (DeepStack fields included)
                 assert len(got["features"]) == len(ref["features"]) and all(
                     _close(a, b, 1e-5) for a, b in zip(got["features"], ref["features"])), (name, rank)
-    assert all("generate_ulysses" in per_rank[0][f] for f in ("qwen3_vl", "internvl", "qwen2"))
+    assert all("generate_ulysses" in per_rank[0][f] for f in ("qwen3_vl", "internvl", "qwen2", "llama"))
     if world == 2:  # sampling: every rank draws rank 0's tokens, which are transformers' for rank 0's seed
         ref = references["qwen3_vl"]
         assert all(r["qwen3_vl"]["sampled"] == ref["sampled"] for r in per_rank)
@@ -286,7 +286,7 @@ def test_families_match_transformers(setup, references, world):
 def test_generate_at_one_rank_is_transformers(setup, references):
     """W = 1 (no process group): greedy and sampled tokens are transformers' own for the same seed."""
     dirs, video = setup
-    for name in ("qwen3_vl", "qwen2"):
+    for name in ("qwen3_vl", "internvl", "llama"):
         engine = _engine(dirs[name], SpavaConfig())
         ref = references[name]
         inputs = _inputs(engine, video)
@@ -354,6 +354,9 @@ def test_generate_refuses_bad_inputs(setup):
     padded[0, 0] = 0
     with pytest.raises(ValueError, match="takes no padding"):
         model(input_ids=ids, attention_mask=padded, **{kw: spava_cache(model, context_len=10)})
+    sdpa = engine.family.model_class().from_pretrained(dirs["qwen2"], attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="load it with attn_implementation=spava_ds"):
+        spava_cache(sdpa, context_len=10)
     cache = spava_cache(model, context_len=inputs["context_len"])
     with torch.no_grad():
         model(input_ids=ids, **{kw: cache})

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .. import comm
-from ..integrations.transformers import SpavaCache, text_decoder
+from ..integrations.transformers import ATTN_NAME, SpavaCache, text_decoder
 from . import family_of
 
 _INSTALLED = "_spava_generate_hooks"
@@ -47,14 +47,17 @@ def spava_cache(model: torch.nn.Module, config=None, group=None, context_len: Op
         context_len: prompt tokens before the question; default for video models: up to the end of the video.
     """
     family = family_of(model)
+    decoder = text_decoder(model)
+    if decoder.config._attn_implementation != ATTN_NAME:
+        raise ValueError(f"the language model runs attn_implementation={decoder.config._attn_implementation!r}: load it "
+                         "with attn_implementation=spava_ds.integrations.transformers.spava_attn_implementation(config)")
     if not hasattr(model, _INSTALLED):
-        decoder = text_decoder(model)
         handles = [model.register_forward_pre_hook(_model_pre, with_kwargs=True),
                    model.register_forward_hook(_model_post, with_kwargs=True, always_call=True),
                    decoder.register_forward_pre_hook(_decoder_pre, with_kwargs=True),
                    decoder.register_forward_hook(_decoder_post, with_kwargs=True)]
         setattr(model, _INSTALLED, handles)
-    return SpavaCache(len(text_decoder(model).layers), config, group, context_len, family)
+    return SpavaCache(len(decoder.layers), config, group, context_len, family)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
