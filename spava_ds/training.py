@@ -1,7 +1,8 @@
 """Reusable parts of sequence-parallel fine-tuning on videos (``launch/finetune.py`` drives them).
 
-One training sample is the inference prompt of ``SpavaEngine.video_inputs`` followed by the answer and
-``<|im_end|>``: the context is ``[system, <vision_start>, video tokens, <vision_end>]``, the query is
+One training sample is the inference prompt of ``SpavaEngine.video_inputs`` followed by the answer and the chat
+template's end of turn (``<|im_end|>``; any family of ``spava_ds.models``): for Qwen2.5-VL the context is
+``[system, <vision_start>, video tokens, <vision_end>]``, the query is
 ``[question, <im_end>, assistant prefix, answer, <im_end>]``. The answer therefore lies in the query block, which
 ``ZigzagLayout`` replicates on every rank of the sequence-parallel (SP) group.
 
