@@ -36,12 +36,14 @@ Methods (``--methods``; all by default):
 ``spava_no_fp``       ablation: no frame parallelism, every rank encodes the whole video
 ====================  ==================================================================================================
 
-Inputs are synthetic: random pixel values of the right Qwen grid (no video decoding; the GPU image has no PyAV), the
-prompt ``[system, <vision_start>, video tokens, <vision_end>] [question, <im_end>, assistant prefix]`` tokenised
-with the tiny checkpoint's tokenizer, M-RoPE positions from the model's ``get_rope_index``. Frames are resized by
-Qwen's rule (sides rounded to multiples of 28, ``--max-pixels`` 0 keeps the native resolution: 640x360 -> 644x364,
-1280x720 -> 1288x728); one temporal step (2 frames) gives (H/28)*(W/28) tokens (299 at 360p, 1196 at 720p), and
-the step count is the largest giving at most the target context. The query is padded with newline tokens to a
+Inputs are synthetic: random pixel values of the right grid (no video decoding; the GPU image has no PyAV), the
+prompt, grid and positions of the model's family (``spava_ds.models``: its chat template, with the tiny tokenizer of
+the family) for a made-up 2 fps video. Qwen frames are resized by Qwen's rule (sides rounded to multiples of 28, 32
+for Qwen3-VL; ``--max-pixels`` 0 keeps the native resolution: 640x360 -> 644x364, 1280x720 -> 1288x728); one
+temporal step (2 frames) gives (H/28)*(W/28) tokens for Qwen2.5-VL (299 at 360p, 1196 at 720p); InternVL takes one
+448x448 tile per frame (256 tokens). The step count is the largest giving at most the target context. Models:
+``--models 3b 7b internvl3-2b qwen3-vl-8b`` (random bf16 weights, built on the meta device); ``--share-of W ...``
+in one process adds one rank's share of each W, the other ranks stood in for (see ``measure_shares``). The query is padded with newline tokens to a
 multiple of 2W tokens (PyTorch's head-tail load balancing needs it). Preprocessing (tokenising, positions, pixels
 on the GPU) is outside the timed region for every method.
 
@@ -104,7 +106,6 @@ LABELS = {
     "spava_no_fused": "spava -fused query pass (emulated)", "spava_no_fp": "spava -frame parallelism",
 }
 QUESTION = "What is in this video?"
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 BREAKDOWN_KEYS = [
     ("vision", "vision encoder"), ("vision_gather", "vision all-gather"), ("embed", "embedding + scatter"),
     ("linear", "linear layers"), ("lm_other", "other LM ops (norms, RoPE, act.)"),
@@ -794,7 +795,8 @@ def tables(data: dict) -> str:
     for model, res, gpus in groups:
         rows = [r for r in results if (r["model"], r["resolution"], r.get("gpus_job")) == (model, res, gpus)]
         size = rows[0].get("size")
-        lines.append(f"\n### {SHAPE_LABELS.get(model, model)} shape, {res} ({size[0]}x{size[1]} after resize), {gpus} GPU(s) in "
+        lines.append(f"\n### {SHAPE_LABELS.get(model, model)} shape, {res} ({size[0]}x{size[1]} after resize), "
+                     f"{gpus} GPU(s) in "
                      f"the job; {m.get('card', '?')}; {m.get('date', '')}")
         lines.append("TTFT = vision + LM prefill + first token, median of the runs; speedups against the fastest "
                      "dense row at the same context; memory = peak per rank (weights included), max over ranks.")

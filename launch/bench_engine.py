@@ -2,8 +2,8 @@
 
 A model of a published shape (``SHAPES``: Qwen2.5-VL-3B/7B, InternVL3-2B, Qwen3-VL-8B) with random bf16 weights
 answers a question about a synthetic video. Time to first token = frame-parallel vision encoder + language-model
-prefill + first token, median of ``--iters`` runs after a warm-up. Dense runs on rank 0 alone with the same model and the same (fused) vision attention, so the comparison
-is like for like. Run under torchrun, one process per GPU:
+prefill + first token, median of ``--iters`` runs after a warm-up. Dense runs on rank 0 alone with the same model
+and the same (fused) vision attention, so the comparison is like for like. Run under torchrun, one process per GPU:
 
     torchrun --standalone --nproc_per_node 2 launch/bench_engine.py --model-shape 3b --frames 64
     python launch/bench_engine.py --tiny           # CPU smoke test of the code path (the tiny checkpoint)
@@ -29,8 +29,8 @@ from spava_ds.engine import GenerationConfig, SpavaEngine  # noqa: E402
 # Shapes of the published checkpoints (text: language model; vision: tower), random weights. The family picks the
 # transformers class (spava_ds.models); the special tokens come from the tiny tokenizer of the family.
 QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                     temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                     tokens_per_second=2)
+                     temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 SHAPES = {
     "3b": dict(family="qwen2_5_vl", vision=QWEN25_VISION, text=dict(
         num_hidden_layers=36, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008,

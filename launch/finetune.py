@@ -1,4 +1,4 @@
-"""Fine-tune a video checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL3) on video question answering with sequence parallelism (DeepSpeed launcher).
+"""Fine-tune a video checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL3) on video QA with sequence parallelism (DeepSpeed).
 
     deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config configs/finetune_zero2_sp2.json \\
         --model spava_ds/assets/tiny-qwen2.5-vl --train data/train.jsonl --eval data/test.jsonl --output runs/tiny

@@ -21,8 +21,8 @@ The default (``--preset tiny``) output is unchanged.
 ``--family`` (default ``qwen2_5_vl``) picks the architecture of a tiny checkpoint (made in about a second, a few MB;
 the tests make them in a temporary folder): ``qwen3_vl`` (interleaved M-RoPE, timestamps in the chat prompt,
 DeepStack from two vision layers), ``internvl`` (112x112 tiles, 16 tokens a frame after the pixel shuffle) and
-``qwen2`` and ``llama`` (text only). Their language models have 12 query and 6 KV heads (head_dim 16), so every exact mode,
-Ulysses included, runs on 1, 2 or 3 processes.
+``qwen2`` and ``llama`` (text only). Their language models have 12 query and 6 KV heads (head_dim 16), so every
+exact mode, Ulysses included, runs on 1, 2 or 3 processes.
 """
 
 from __future__ import annotations

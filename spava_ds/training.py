@@ -66,7 +66,8 @@ def add_answer(engine, inputs: Dict, answer: str) -> Dict:
 
 
 class VideoQAModel(torch.nn.Module):
-    """A video model of a supported family (``spava_ds.models``) whose forward returns this rank's share of the answer loss of one sharded sample.
+    """A video model of a supported family (``spava_ds.models``) whose forward returns this rank's share of the
+    answer loss of one sharded sample.
 
     DeepSpeed wraps this module: ``loss = engine(sample)``, then ``engine.backward(loss)``. The SP group is set
     after ``deepspeed.initialize`` (which builds it) with ``set_group``.

@@ -365,7 +365,7 @@ def test_generate_refuses_bad_inputs(setup):
             model(input_ids=ids[:, :2], **{kw: cache})
 
 
-# ---- the docs' example -------------------------------------------------------------------------------------------------
+# ---- the docs' example ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(300)
 def test_docs_generate_example_runs(tmp_path):
     text = open(os.path.join(ROOT, "docs", "inference.md"), encoding="utf-8").read()

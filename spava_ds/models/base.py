@@ -224,8 +224,9 @@ class VideoFamily(ModelFamily):
         ids = self.ids(text.replace(placeholder, self.video_text(grid_thw, step_times)))
         groups, per_group = self.group_tokens(grid_thw)
         if ids.count(self.feature_token_id) != groups:
-            raise ValueError(f"the tokenizer does not keep {self.tokenizer.convert_ids_to_tokens(self.feature_token_id)!r}"
-                             " as one token: is it a special token of this checkpoint?")
+            token = self.tokenizer.convert_ids_to_tokens(self.feature_token_id)
+            raise ValueError(f"the tokenizer does not keep {token!r} as one token: is it a special token of this "
+                             "checkpoint?")
         ids = expand_tokens(ids, self.feature_token_id, per_group)
         end = self.context_len(torch.tensor([ids]))
         return dict(self._prompt(ids[:end], ids[end:], video_grid_thw=grid_thw,
@@ -240,9 +241,9 @@ class VideoFamily(ModelFamily):
     def generate_inputs(self, inputs: dict, group=None, device=None) -> dict:
         """The keyword arguments of ``model.generate`` for a prompt of ``SpavaEngine.video_inputs``, frame-parallel:
         this rank's pixels (``rank_pixels``) go to the model, whose vision tower then runs frame-parallel inside the
-        prefill; where the model takes pre-encoded features (``mm_encoder_outputs``, transformers >= 5.2x, whose
-        ``generate`` would otherwise encode the pixels before the prefill, on one rank's view) they are encoded
-        here, frame-parallel over ``group`` (a collective: every rank calls it)."""
+        prefill (transformers 5.17). Where the model takes pre-encoded features (``mm_encoder_outputs``, newer
+        versions, whose ``generate`` encodes the pixels before the prefill, where no hook runs), they are encoded
+        here instead, frame-parallel over ``group`` (a collective: every rank calls it)."""
         out = self.prompt_kwargs(inputs, device)
         if inputs.get("pixel_values_videos") is None:
             return out

@@ -48,9 +48,10 @@ def spava_cache(model: torch.nn.Module, config=None, group=None, context_len: Op
     """
     family = family_of(model)
     decoder = text_decoder(model)
-    if decoder.config._attn_implementation != ATTN_NAME:
-        raise ValueError(f"the language model runs attn_implementation={decoder.config._attn_implementation!r}: load it "
-                         "with attn_implementation=spava_ds.integrations.transformers.spava_attn_implementation(config)")
+    attn = decoder.config._attn_implementation
+    if attn != ATTN_NAME:
+        raise ValueError(f"the language model runs attn_implementation={attn!r}: load it with attn_implementation="
+                         "spava_ds.integrations.transformers.spava_attn_implementation(config)")
     if not hasattr(model, _INSTALLED):
         handles = [model.register_forward_pre_hook(_model_pre, with_kwargs=True),
                    model.register_forward_hook(_model_post, with_kwargs=True, always_call=True),
