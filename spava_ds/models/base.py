@@ -245,7 +245,7 @@ class VideoFamily(ModelFamily):
         versions, whose ``generate`` encodes the pixels before the prefill, where no hook runs), they are encoded
         here instead, frame-parallel over ``group`` (a collective: every rank calls it)."""
         out = self.prompt_kwargs(inputs, device)
-        if inputs.get("pixel_values_videos") is None:
+        if "pixel_values_videos" not in inputs:
             return out
         pixels = self.model_pixels(rank_pixels(inputs, group, device, self.model.dtype))
         if "mm_encoder_outputs" not in inspect.signature(self.model.forward).parameters:
@@ -288,7 +288,7 @@ class VideoFamily(ModelFamily):
         """This rank's embeddings: its tokens' embeddings, its visual tokens replaced by their rows of the features
         of the whole video (every rank encodes its own frames, ``encode``), and the decoder's extra arguments."""
         embeds, _ = super().local_embeddings(inputs, shard, group, device, dtype)
-        if inputs.get("pixel_values_videos") is None:
+        if "pixel_values_videos" not in inputs:  # (None with a "video_error": every rank raises in ``encode``)
             return embeds, {}
         fields = self.encode(inputs, group, device, dtype)
         slots = visual_slots(inputs["input_ids"] == self.feature_token_id, shard)
