@@ -34,6 +34,8 @@ Methods (``--methods``; all by default):
                       sharded KV cache (exact LSE-merged attention, as Star/APB's separate query pass). Speed only: the
                       query tokens see each other without a causal mask in that pass (same work)
 ``spava_no_fp``       ablation: no frame parallelism, every rank encodes the whole video
+``spava_2d``          (not in the default sweep) the two-dimensional mode: Ulysses inside groups of
+``ring_2d``           ``--ulysses-degree`` consecutive GPUs, Spava (ring: exact) over the W / U groups (docs/scaling.md)
 ====================  ==================================================================================================
 
 Inputs are synthetic: random pixel values of the right grid (no video decoding; the GPU image has no PyAV), the
@@ -99,12 +101,15 @@ RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 DEFAULT_CONTEXTS = [131072, 65536, 32768, 16384]
 ALL_METHODS = ["dense", "spava", "ring", "torch_cp", "apb", "ulysses", "star", "spava_no_overlap", "spava_no_fused",
                "spava_no_fp"]
+MESH_METHODS = ["spava_2d", "ring_2d"]  # on request (--methods): the two-dimensional mode, --ulysses-degree per group
 LABELS = {
     "dense": "dense, 1 GPU (SDPA)", "dense_flash_attn": "dense, 1 GPU (flash-attn)", "spava": "spava",
     "ring": "ring (ours, exact)", "torch_cp": "PyTorch context_parallel (exact ring)", "apb": "apb (= spava -zigzag)",
     "ulysses": "ulysses (exact)", "star": "star", "spava_no_overlap": "spava -overlap",
     "spava_no_fused": "spava -fused query pass (emulated)", "spava_no_fp": "spava -frame parallelism",
+    "spava_2d": "spava x ulysses (2-D)", "ring_2d": "ring x ulysses (2-D, exact)",
 }
+GRAPH_SETTINGS = {"auto": "auto", "on": True, "off": False}  # --cuda-graphs -> SpavaConfig.cuda_graphs
 QUESTION = "What is in this video?"
 BREAKDOWN_KEYS = [
     ("vision", "vision encoder"), ("vision_gather", "vision all-gather"), ("embed", "embedding + scatter"),
@@ -424,7 +429,7 @@ def make_case(model, tokenizer, shape, resolution, target, world, args, device, 
 
 class Runner:
     def __init__(self, model, case: Case, method: str, device, clock: Clock, rank: int, world: int, args):
-        from spava_ds import MODE_TABLE, SpavaConfig, ZigzagLayout, comm
+        from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, ZigzagLayout, comm, make_layout
         from spava_ds.integrations.transformers import text_decoder
         from spava_ds.models import family_of
         from spava_ds.models.base import visual_slots
@@ -435,15 +440,19 @@ class Runner:
         self.args = args
         single = method.startswith("dense")
         self.group = comm.SELF if single else None
+        self.attention_group = self.group
         self.rank, self.world = (0, 1) if single else (rank, world)
         self.frame_parallel = self.world > 1 and method != "spava_no_fp"
         mode = {"dense_flash_attn": "dense", "torch_cp": "ring", "spava_no_overlap": "spava",
-                "spava_no_fused": "spava", "spava_no_fp": "spava"}.get(method, method)
+                "spava_no_fused": "spava", "spava_no_fp": "spava",
+                "spava_2d": "spava", "ring_2d": "ring"}.get(method, method)
         budget = {}
         scale = MODE_TABLE[mode].passing_scale  # apb: twice, as its default rule does; star: none
         if args.passing_len is not None and scale:
             budget = dict(passing_len=args.passing_len * scale)
-        self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap", **budget)
+        self.config = SpavaConfig(mode=mode, overlap=method != "spava_no_overlap",
+                                  ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1,
+                                  cuda_graphs=GRAPH_SETTINGS[args.cuda_graphs], **budget)
         self.route = {"torch_cp": "torch_cp", "dense_flash_attn": "flash_attn"}.get(method, "spava")
         vid = case.ids == self.family.feature_token_id
         S = case.ids.shape[1]
@@ -463,8 +472,11 @@ class Runner:
             self.query_ids = case.ids[:, case.context_len:].to(device)
             self.query_pos = case.positions[..., case.context_len:].to(device)
         else:
-            self.layout = ZigzagLayout(case.context_len, case.query_len, self.world, self.config)
+            self.layout = make_layout(case.context_len, case.query_len, self.world, self.config)
             ids, pos, vid1 = case.ids, case.positions, vid
+            if isinstance(self.layout, MeshLayout):  # attention's group is the mesh; the last token has one holder
+                self.attention_group = get_mesh(device.type, world, self.config.ulysses_degree)
+                self.holder = self.layout.last_token_rank()
         lay = self.layout
         self.local_ids = lay.shard(ids, self.rank).to(device)
         self.local_pos = lay.shard(pos, self.rank, dim=pos.dim() - 1).to(device)
@@ -512,7 +524,7 @@ class Runner:
             hidden = self._cp_forward(embeds)
         else:
             keep = self.method == "spava_no_fused"
-            with spava_session(self.layout, self.config, self.group, keep_cache=keep) as session:
+            with spava_session(self.layout, self.config, self.attention_group, keep_cache=keep) as session:
                 hidden = self.decoder(inputs_embeds=embeds, position_ids=self.local_pos, use_cache=False,
                                       **extras).last_hidden_state
                 if keep:  # the separate query pass over the sharded KV cache
@@ -572,13 +584,16 @@ def _cp_backend(device, backend: str):
 _MESHES: Dict[tuple, object] = {}
 
 
-def get_mesh(device_type: str, world: int):
-    """One 1-D device mesh over the job (PyTorch CP's process group), made once."""
-    if (device_type, world) not in _MESHES:
+def get_mesh(device_type: str, world: int, ulysses_degree: int = 0):
+    """One device mesh over the job, made once: 1-D for PyTorch CP, or the 2-D mode's (``ulysses_degree`` > 0)."""
+    if (device_type, world, ulysses_degree) not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[device_type, world] = init_device_mesh(device_type, (world,))
-    return _MESHES[device_type, world]
+        from spava_ds import comm
+
+        _MESHES[device_type, world, ulysses_degree] = (comm.init_mesh(ulysses_degree, device_type) if ulysses_degree
+                                                       else init_device_mesh(device_type, (world,)))
+    return _MESHES[device_type, world, ulysses_degree]
 
 
 def install_cpu_cp_shim(world: int) -> Optional[str]:
@@ -904,7 +919,7 @@ def plot(paths: List[str], out: str) -> int:
             ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1024 else str(t) for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel("context tokens")
-            ax.set_ylabel(f"speedup vs dense on 1 GPU")
+            ax.set_ylabel("speedup vs dense on 1 GPU")
             ax.set_title(f"{model} shape, {resolution}, {gpus} GPUs ({card}): {what}", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7, loc="upper left")
@@ -948,6 +963,11 @@ def main(argv=None) -> int:
                    help="SDPA backend inside PyTorch's CP ring (default cudnn; falls back to flash, efficient)")
     p.add_argument("--cp-gqa", choices=["repeat", "native"], default="repeat",
                    help="torch_cp: repeat KV heads (default) or pass enable_gqa=True")
+    p.add_argument("--ulysses-degree", type=int, default=2,
+                   help="GPUs per Ulysses group of the 2-D methods (spava_2d, ring_2d; ask for them in --methods)")
+    p.add_argument("--cuda-graphs", choices=list(GRAPH_SETTINGS), default="auto",
+                   help="SpavaConfig.cuda_graphs of every method (default auto; the breakdown run is always eager; "
+                        "give another --out for each setting)")
     p.add_argument("--trace", default=None, help="folder: a Chrome trace of every breakdown run (torch.profiler)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the embedded tiny checkpoint, tiny inputs")
     p.add_argument("--share-of", type=int, nargs="+", default=None, metavar="W",
@@ -998,9 +1018,12 @@ def bench(args) -> int:
 
     if args.methods is None and cuda and flash_attn_available():
         methods.insert(1, "dense_flash_attn")
-    unknown = [m for m in methods if m not in ALL_METHODS + ["dense_flash_attn"]]
+    unknown = [m for m in methods if m not in ALL_METHODS + MESH_METHODS + ["dense_flash_attn"]]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL_METHODS + ['dense_flash_attn']}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from "
+                         f"{ALL_METHODS + MESH_METHODS + ['dense_flash_attn']}")
+    if any(m in MESH_METHODS for m in methods) and (args.ulysses_degree < 1 or world % args.ulysses_degree):
+        raise SystemExit(f"--ulysses-degree {args.ulysses_degree} does not divide the {world} process(es)")
     if "dense_flash_attn" in methods and not (cuda and flash_attn_available()):
         log("dense_flash_attn needs CUDA and the flash-attn package: skipped")
         methods.remove("dense_flash_attn")
@@ -1020,7 +1043,7 @@ def bench(args) -> int:
     card = torch.cuda.get_device_name(device) if cuda else "CPU"
     meta = dict(card=card, gpus=world, torch=torch.__version__, transformers=transformers.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["launch/bench_e2e.py"] + sys.argv[1:]),
-                dtype=str(dtype), iters=args.iters, warmup=args.warmup,
+                dtype=str(dtype), iters=args.iters, warmup=args.warmup, cuda_graphs=args.cuda_graphs,
                 inputs="synthetic: random pixel values of the Qwen grid, no video decoding (no PyAV on the GPU "
                        "image); preprocessing outside the timed region",
                 torch_cp="whole language model: every attention layer through context_parallel's ring (SDPA "

@@ -7,9 +7,15 @@ for one rank of a W-rank group, per mode:
 * ``host``: the wall time to issue one call, in bursts of calls issued back to back while the GPU is kept busy
   by a sleep kernel (nothing waits for the GPU); the least disturbed burst counts;
 * ``gpu``: the time the GPU spends on the call's kernels back to back (queued behind the sleep, no gaps);
-* ``ops``: the ATen operators one call runs (from torch.profiler; views included).
+* ``ops``: the ATen operators one call runs (from torch.profiler; views included);
+* ``call``: the wall time per call of calls issued back to back with nothing else queued (about the larger of
+  ``host`` and ``gpu``): what one layer's attention costs when nothing hides it.
 
-A layer is host-bound when ``host`` exceeds ``gpu``. The rank and world size come from PyTorch's fake process
+A layer is host-bound when ``host`` exceeds ``gpu``. With ``--cuda-graphs`` every mode also runs through CUDA graphs
+of the call (``spava_ds.graphs.AttentionGraphs``, as the engine's prefill does: the warm-up captures it, the timed
+calls replay it), one more row each: ``host`` is then the time to copy q/k/v in, replay and copy the output out,
+``capture ms`` the host time the capture took once; a summary compares each mode's ``call`` with the best exact
+mode's, with and without graphs. The rank and world size come from PyTorch's fake process
 group (``torch.testing._internal.distributed.fake_pg``), so one GPU (or the CPU) is enough, and spava_ds's
 collective hook (``comm.collective_hook``) makes every collective return at once (the fake group's all-gather
 would copy the input W times, launches a real NCCL call does not make): communication is not in the numbers, a
@@ -17,6 +23,7 @@ real collective adds about one launch each.
 Inputs are random; the numbers do not depend on them.
 
     python launch/bench_host.py                                  # 3B shape, 16K and 32K tokens, W = 2 and 4, CUDA
+    python launch/bench_host.py --heads 28 4 --cuda-graphs        # 7B shape, each mode eager and with CUDA graphs
     python launch/bench_host.py --device cpu --tokens 1024 --heads 4 2 --head-dim 16   # op counts on a CPU
 """
 
@@ -26,17 +33,20 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds import MODE_TABLE, SpavaConfig, ZigzagLayout, comm, entry  # noqa: E402
+from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, comm, entry, make_layout  # noqa: E402
 from spava_ds.attention import sp_attention  # noqa: E402
+from spava_ds.graphs import AttentionGraphs  # noqa: E402
 
 MODES = [mode for mode, spec in MODE_TABLE.items() if spec.schedule != "local"]  # the modes that run over W ranks
 
@@ -113,20 +123,52 @@ def time_call(fn, device: torch.device, iters: int, calls: int = 8):
     return min(host), (statistics.median(gpu) if gpu else float("nan"))
 
 
-def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) -> dict:
+def time_back_to_back(fn, device: torch.device, iters: int, calls: int = 8) -> float:
+    """Median wall seconds per call of ``calls`` calls issued back to back from an idle GPU, then waited for."""
+    per_call = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_call.append((time.perf_counter() - t0) / calls)
+    return statistics.median(per_call)
+
+
+def make_call(mode: str, tokens: int, world: int, rank: int, heads, head_dim: int, query: int, device, dtype,
+              ulysses_degree: int = 1, graphs: Optional[AttentionGraphs] = None):
+    """(one call of global rank ``rank``'s attention, its layout) on random inputs, the other ranks faked. With
+    ``ulysses_degree`` U > 1 the modes that run 2-D (``MODE_TABLE``'s ``mesh`` column) run it on a (W / U) x U mesh;
+    with ``graphs`` the call goes through its CUDA graphs. The call's inputs are ``call.inputs`` (q, k, v).
+    Call it inside ``alone()``: the fake group moves nothing, the collective hook makes every collective return."""
     fake_group(rank, world)
-    config = SpavaConfig(mode=mode)
-    layout = ZigzagLayout(tokens - args.query, args.query, world, config)
+    config = SpavaConfig(mode=mode, ulysses_degree=ulysses_degree if MODE_TABLE[mode].mesh else 1)
+    layout = make_layout(tokens - query, query, world, config)
+    group = comm.init_mesh(config.ulysses_degree) if isinstance(layout, MeshLayout) else None
     n = layout.local_len(rank)
-    hq, hkv = args.heads
-    q = torch.randn(1, n, hq, args.head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, n, hkv, args.head_dim, device=device, dtype=dtype)
+    hq, hkv = heads
+    q = torch.randn(1, n, hq, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n, hkv, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
+    attention = graphs.sp_attention if graphs is not None else sp_attention
 
     def call():
         with torch.inference_mode():
-            sp_attention(q, k, v, layout, config, layer_idx=0)
+            attention(q, k, v, layout, config, group=group, layer_idx=0)
 
+    call.inputs = (q, k, v)
+    return call, layout
+
+
+def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype, cuda_graphs: bool = False) -> dict:
+    u = args.ulysses_degree if MODE_TABLE[mode].mesh else 1
+    graphs = AttentionGraphs(True) if cuda_graphs else None  # a layer's attention, captured once, then replayed
+    call, layout = make_call(mode, tokens, world, rank * u, args.heads, args.head_dim, args.query, device, dtype, u,
+                             graphs)
+    n = layout.local_len(rank * u)
     for _ in range(args.warmup):
         call()
     host, gpu = time_call(call, device, args.iters)
@@ -140,8 +182,15 @@ def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype) 
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(args.python_profile)
         stats.sort_stats("cumulative").print_stats(args.python_profile)
-    return dict(mode=mode, tokens=tokens, world=world, rank=rank, local_tokens=n, host_ms=host * 1e3,
-                gpu_ms=gpu * 1e3, ops=count_ops(call, args.top))
+    row = dict(mode=mode, tokens=tokens, world=world, rank=rank, ulysses_degree=u, local_tokens=n,
+               host_ms=host * 1e3, gpu_ms=gpu * 1e3, ops=count_ops(call, args.top),
+               call_ms=time_back_to_back(call, device, args.iters) * 1e3, graphs=cuda_graphs)
+    if graphs is not None:
+        row.update(replayed=graphs.stats["replays"] > 0, capture_ms=graphs.capture_seconds * 1e3,
+                   graph_mib=graphs.device_bytes() / 2 ** 20,
+                   eager_reason=None if graphs.stats["replays"] else graphs.eager_reason(*call.inputs, layout, None))
+        graphs.close()
+    return row
 
 
 def main(argv=None) -> int:
@@ -150,12 +199,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="whole sequence (context + query)")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--rank", type=int, default=1, help="the rank to stand for (1: a middle rank, both blocks)")
+    p.add_argument("--rank", type=int, default=1, help="the (inter) rank to stand for (1: a middle rank, both blocks)")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="U > 1: spava, ring, apb and star run the two-dimensional mode on a (W / U) x U mesh (rank: "
+                        "its inter rank, intra rank 0); ulysses stays flat over W")
     p.add_argument("--heads", type=int, nargs=2, default=[16, 2], metavar=("HQ", "HKV"),
                    help="query and KV heads (default: Qwen2.5-VL-3B's 16 and 2)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--query", type=int, default=48, help="query tokens")
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also run every mode through CUDA graphs of the call (one more row each)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed")
     p.add_argument("--top", type=int, default=0, help="print the N operators with the most host time per call")
@@ -164,8 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     entry.add_arguments(p)
     args = p.parse_args(argv)
-    if args.rank >= min(args.world):
-        p.error(f"--rank {args.rank} is not a rank of W = {min(args.world)}")
+    if any(w % args.ulysses_degree for w in args.world):
+        p.error(f"--ulysses-degree {args.ulysses_degree} does not divide every --world {args.world}")
+    if args.rank >= min(args.world) // args.ulysses_degree:
+        p.error(f"--rank {args.rank} is not an (inter) rank of W = {min(args.world)}")
     return entry.run_main(bench, args)
 
 
@@ -179,22 +235,53 @@ def bench(args) -> int:
         torch.cuda.set_device(device)
     print(f"# {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"{dtype}, heads {args.heads[0]}/{args.heads[1]}, head_dim {args.head_dim}, rank {args.rank} of W")
-    print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound | call ms | CUDA graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with alone():
         for tokens in args.tokens:
             for world in args.world:
                 for mode in args.modes:
-                    r = measure(mode, tokens, world, args.rank, args, device, dtype)
-                    rows.append(r)
-                    bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
-                    print(f"| {tokens} | {world} | {mode} | {r['local_tokens']} | {r['host_ms']:.3f} | "
-                          f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} |", flush=True)
+                    for cuda_graphs in ([False, True] if args.cuda_graphs else [False]):
+                        r = measure(mode, tokens, world, args.rank, args, device, dtype, cuda_graphs)
+                        rows.append(r)
+                        print(_row_line(r, device), flush=True)
+    if args.cuda_graphs:
+        print(summary(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=str(device), dtype=str(dtype), rows=rows), f, indent=1)
     return 0
+
+
+def _row_line(r: dict, device: torch.device) -> str:
+    bound = "-" if device.type != "cuda" else ("host" if r["host_ms"] > r["gpu_ms"] else "GPU")
+    graphs = "-" if not r["graphs"] else (f"replayed (capture {r['capture_ms']:.1f} ms, {r['graph_mib']:.0f} MiB)"
+                                         if r["replayed"] else f"eager: {r['eager_reason']}")
+    u = r["ulysses_degree"]
+    label = r["mode"] if u == 1 else f"{r['mode']} {r['world'] // u}x{u}"
+    return (f"| {r['tokens']} | {r['world']} | {label} | {r['local_tokens']} | {r['host_ms']:.3f} | "
+            f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} | {r['call_ms']:.3f} | {graphs} |")
+
+
+def summary(rows) -> str:
+    """Markdown: per token count and W, each approximate mode's ``call`` against the best exact mode's, eager and
+    with graphs, and whether Spava's host time per call is below its GPU time."""
+    exact = {m for m, spec in MODE_TABLE.items() if spec.exact}
+    lines = ["", "| tokens | W | CUDA graphs | best exact mode: call ms | spava call ms | spava / best exact | "
+             "spava host < GPU |", "|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["tokens"], r["world"], r["graphs"]), []).append(r)
+    for (tokens, world, graphs), group in groups.items():
+        best = min((r for r in group if r["mode"] in exact), key=lambda r: r["call_ms"], default=None)
+        spava = next((r for r in group if r["mode"] == "spava"), None)
+        if best is None or spava is None:
+            continue
+        below = "-" if math.isnan(spava["gpu_ms"]) else "yes" if spava["host_ms"] < spava["gpu_ms"] else "no"
+        lines.append(f"| {tokens} | {world} | {'yes' if graphs else 'no'} | {best['mode']}: {best['call_ms']:.3f} | "
+                     f"{spava['call_ms']:.3f} | {spava['call_ms'] / best['call_ms']:.2f} | {below} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

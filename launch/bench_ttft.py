@@ -22,14 +22,17 @@ rank; the table gives each part's largest value over the ranks.
 
 ``--share-worlds 2 4`` adds the one-rank-share mode (one GPU, rank 0 only): the metadata plan plus rank r of W's
 decode + preprocess alone, for every r, as one rank of a W-GPU job would do it (the target: at most 0.35 s for the
-slowest rank at W = 4 at 128K tokens).
+slowest rank at W = 4 at 128K tokens). ``--decoder-counts 1 2 4 8 16`` adds decoding alone (the whole video and rank
+0 of each W) with each number of concurrent decoders, and the preprocessing of 100 frames on the device: how
+decoding scales with the host's cores, in the same run.
 
 Results are JSON lines in --out, written as each measurement ends; a rerun of the same command skips what is there
 (and --time-budget stops starting new measurements after that many seconds: rerun to continue). --table prints the
 tables of one or more result files.
 
-    # one GPU: dense and the one-rank shares, 7B shape, 360p and 720p, 32K-128K
-    python launch/bench_ttft.py --models 7b --share-worlds 2 4 --out .bench/ttft_1gpu.jsonl --time-budget 480
+    # one GPU: dense and the one-rank shares, 7B shape, 360p and 720p, 32K-128K, and the decoders' scaling
+    python launch/bench_ttft.py --models 7b --share-worlds 2 4 --decoder-counts 1 2 4 8 16 \
+        --out .bench/ttft_1gpu.jsonl --time-budget 480
     # 4 GPUs: every method, and dense on rank 0
     torchrun --standalone --nproc_per_node 4 launch/bench_ttft.py --models 7b --out .bench/ttft_4gpu.jsonl
     # CPU smoke run: the embedded tiny checkpoint, a tiny video (also under torchrun --nproc_per_node 2)
@@ -244,8 +247,55 @@ def measure_shares(plan, worlds: List[int], args, device) -> List[dict]:
             middle = sorted(samples, key=lambda t: t["total"])[len(samples) // 2]
             rows.append(dict(world=world, rank=rank, steps=[first, stop], frames=2 * (stop - first),
                              decoded_frames=middle["decoded_frames"], decode=middle["decode"],
-                             preprocess=middle["preprocess"], total=middle["total"]))
+                             preprocess=middle["preprocess"], total=middle["total"],
+                             decoders=middle.get("decoders"), decoder_threads=middle.get("decoder_threads")))
     return rows
+
+
+def measure_decoding(plan, counts: List[int], worlds: List[int], args) -> List[dict]:
+    """Decoding alone (RGB frames, no preprocessing) of the whole video and of rank 0's share at each W of
+    `worlds`, with each decoder count of `counts` (FFmpeg's threads: the cores left to each decoder)."""
+    from spava_ds.integrations.qwen_vision import temporal_range
+    from spava_ds.video import iter_frames
+
+    scopes = [("whole video", 0, plan.num_steps)] + [(f"rank 0 of W={w}", *temporal_range(plan.num_steps, 0, w))
+                                                      for w in worlds]
+    rows = []
+    for scope, first, stop in scopes:
+        indices = plan.frames_of_steps(first, stop)
+        for count in counts:
+            samples = []
+            for i in range(args.warmup + args.iters):
+                stats, start = {}, time.perf_counter()
+                for _ in iter_frames(plan.metadata, indices, stats=stats, decoders=count):
+                    pass
+                stats["seconds"] = time.perf_counter() - start
+                if i >= args.warmup:
+                    samples.append(stats)
+            middle = sorted(samples, key=lambda s: s["seconds"])[len(samples) // 2]
+            rows.append(dict(scope=scope, asked=count, kept_frames=len(set(indices)), **middle))
+    return rows
+
+
+def measure_resize(plan, device, args, frames: int = 100) -> dict:
+    """Seconds to resize, normalise and patchify `frames` frames of the video's size on `device` (as the pipeline
+    does, without decoding), median of --iters after --warmup."""
+    from spava_ds.video import preprocess_frames
+
+    meta = plan.metadata
+    pixels = torch.randint(0, 256, (frames, meta.height, meta.width, 3), dtype=torch.uint8, device=device)
+    samples = []
+    for i in range(args.warmup + args.iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        preprocess_frames(pixels, plan)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            samples.append(time.perf_counter() - start)
+    return dict(frames=frames, size=[meta.width, meta.height], resized=[plan.resized_width, plan.resized_height],
+                seconds=statistics.median(samples))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +352,19 @@ def tables(rows: List[dict]) -> str:
                        f"{fmt(slow['total'])} | {fmt(slow['decode'])} | {fmt(slow['preprocess'])} | "
                        f"{slow['frames']} / {slow['decoded_frames']} | {fmt(r['metadata'])} | "
                        + ", ".join(fmt(x["total"], ".2f") for x in r["ranks"]) + " |")
+    decoding = [r for r in rows if r.get("kind") == "decoding"]
+    if decoding:
+        out += ["", "| model | video | video tokens | card | decoding | decoders asked / used | FFmpeg threads each | "
+                "seconds | frames kept / decoded | decoded frames/s | speedup over 1 decoder | preprocess 100 frames s |",
+                "|" + "---|" * 12]
+        for r in sorted(decoding, key=lambda r: (r["resolution"], r["target"])):
+            ones = {x["scope"]: x["seconds"] for x in r["runs"] if x["asked"] == 1}
+            for x in r["runs"]:
+                speedup = fmt(ones[x["scope"]] / x["seconds"], ".2f") if x["scope"] in ones else "-"
+                out.append(f"| {r['model']} | {r['resolution']} | {r['context_tokens']} | {r['card']} | {x['scope']} | "
+                           f"{x['asked']} / {x['decoders']} | {x['decoder_threads']} | {fmt(x['seconds'])} | "
+                           f"{x['kept_frames']} / {x['decoded_frames']} | {x['decoded_frames'] / x['seconds']:.0f} | "
+                           f"{speedup} | {fmt(r['resize']['seconds'])} |")
     return "\n".join(out)
 
 
@@ -319,6 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--pipelines", nargs="+", default=PIPELINES, choices=PIPELINES)
     p.add_argument("--share-worlds", nargs="*", type=int, default=[],
                    help="also time one rank's decode + preprocess for these W (on rank 0's device)")
+    p.add_argument("--decoder-counts", nargs="*", type=int, default=[],
+                   help="also time decoding alone (whole video, and rank 0 of each --share-worlds W) with these "
+                        "numbers of concurrent decoders, e.g. 1 2 4 8 16, and preprocessing of 100 frames")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--video-fps", type=int, default=30, help="frame rate of the written videos")
@@ -360,6 +426,34 @@ def setup(args):
     return rank, world, device, tokenizer, settings, grid
 
 
+def run_decoding(path: str, case: str, shares: List[int], decoding: bool, settings, args, device, base) -> None:
+    """One GPU, rank 0: the plan from the metadata, then the one-rank shares of each W in `shares` and (when
+    `decoding`) decoding alone with each of --decoder-counts and preprocessing alone; a result line each."""
+    from spava_ds.video import plan_video
+
+    clock = time.perf_counter()
+    plan = plan_video(path, fps=settings["fps"], max_frames=settings["max_frames"],
+                      min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
+    metadata = time.perf_counter() - clock
+    common = dict(case=case, context_tokens=plan.num_tokens,
+                  **{k: base[k] for k in ("model", "resolution", "target", "video", "card", "date")})
+    for w in shares:
+        row = dict(kind="share", world=w, metadata=metadata, ranks=measure_shares(plan, [w], args, device), **common)
+        append_result(args.out, row)
+        slow = max(row["ranks"], key=lambda x: x["total"])
+        log(f"[{case}] one rank of W={w}: slowest {slow['total']:.3f} s (decode {slow['decode']:.3f}, preprocess "
+            f"{slow['preprocess']:.3f}; {slow['decoded_frames']} frames decoded for {slow['frames']}, "
+            f"{slow['decoders']} decoders x {slow['decoder_threads']} threads); metadata {metadata:.3f} s")
+    if decoding:
+        row = dict(kind="decoding", runs=measure_decoding(plan, args.decoder_counts, args.share_worlds, args),
+                   resize=measure_resize(plan, device, args), **common)
+        append_result(args.out, row)
+        for x in row["runs"]:
+            log(f"[{case}] decoding {x['scope']} with {x['decoders']} decoders x {x['decoder_threads']} threads: "
+                f"{x['seconds']:.3f} s, {x['decoded_frames'] / x['seconds']:.0f} frames/s")
+        log(f"[{case}] preprocessing 100 frames on {device}: {row['resize']['seconds']:.4f} s")
+
+
 def run_case(model, tokenizer, settings, args, key, base, path, device, rank, world, done, budget) -> bool:
     """Every method and pipeline of one (model, video) case; False when the time budget stopped it."""
     from spava_ds import SpavaConfig, comm
@@ -399,12 +493,11 @@ def main(argv=None) -> int:
         return 0
     from transformers import __version__ as transformers_version
 
-    from spava_ds.video import plan_video
-
     rank, world, device, tokenizer, settings, grid = setup(args)
     done = {(r["case"], r["method"], r["pipeline"]) for r in read_results([args.out])
             if r.get("kind") == "ttft" and r.get("status") == "ok"}
     done |= {(r["case"], "share", r["world"]) for r in read_results([args.out]) if r.get("kind") == "share"}
+    done |= {(r["case"], "decoding", 0) for r in read_results([args.out]) if r.get("kind") == "decoding"}
     if dist.is_initialized():
         dist.barrier()  # every rank has read --out before rank 0 appends to it
     if rank == 0:
@@ -424,28 +517,18 @@ def main(argv=None) -> int:
             for target in grid["contexts"]:
                 key = f"{shape}/{resolution}/{target}/W{world}"
                 shares = [w for w in args.share_worlds if (f"{shape}/{resolution}/{target}", "share", w) not in done]
+                decoding = bool(args.decoder_counts) and (f"{shape}/{resolution}/{target}", "decoding", 0) not in done
                 todo = [(m, p) for m in grid["methods"] for p in args.pipelines if (key, m, p) not in done]
-                if stopped or budget() or not (todo or shares):  # the same decision on every rank
+                if stopped or budget() or not (todo or shares or decoding):  # the same decision on every rank
                     continue
                 seconds = video_seconds(target, width, height, settings)
                 path = cached_video(args.video_dir, seconds, width, height, args.video_fps, rank)
                 base = dict(model=shape, resolution=resolution, target=target, methods=grid["methods"],
                             video=dict(path=os.path.basename(path), seconds=seconds, fps=args.video_fps,
                                        size=[width, height]), **meta)
-                if shares and rank == 0:
-                    clock = time.perf_counter()
-                    plan = plan_video(path, fps=settings["fps"], max_frames=settings["max_frames"],
-                                      min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-                    metadata = time.perf_counter() - clock
-                    for w in shares:
-                        row = dict(kind="share", case=f"{shape}/{resolution}/{target}", world=w, metadata=metadata,
-                                   context_tokens=plan.num_tokens, ranks=measure_shares(plan, [w], args, device),
-                                   **{k: base[k] for k in ("model", "resolution", "target", "video", "card", "date")})
-                        append_result(args.out, row)
-                        slow = max(row["ranks"], key=lambda x: x["total"])
-                        log(f"[{row['case']}] one rank of W={w}: slowest {slow['total']:.3f} s (decode "
-                            f"{slow['decode']:.3f}, preprocess {slow['preprocess']:.3f}; {slow['decoded_frames']} "
-                            f"frames decoded for {slow['frames']}); metadata {metadata:.3f} s")
+                if (shares or decoding) and rank == 0:
+                    run_decoding(path, f"{shape}/{resolution}/{target}", shares, decoding, settings, args, device,
+                                 base)
                 if not todo:
                     continue
                 if model is None:

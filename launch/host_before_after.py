@@ -7,12 +7,15 @@ Make the older copy once (an ignored folder; carry it to the GPU machine), e.g. 
     mkdir -p .before && git archive a65931d spava_ds launch/bench_host.py | tar -x -C .before
 
     python launch/host_before_after.py --before .before --out $OUT/host_before_after.json     # one GPU, ~6 min
+    python launch/host_before_after.py --before .before --cuda-graphs --out $OUT/h.json  # + this tree's graph rows
     python launch/host_before_after.py --before . --device cpu --tokens 301 --world 2 --shapes 3b --repeats 1 \
         --iters 1 --head-dim 16 --out /tmp/h.json                                                 # CPU smoke run
 
 Each run is a separate process (``python DIR/launch/bench_host.py``: the script puts its own folder first on the
 import path, so each half imports its own ``spava_ds``). Runs alternate before/after so that a drift of the machine
-hits both; ``--time-budget`` starts no run that the slowest run so far would carry past it.
+hits both; ``--time-budget`` starts no run that the slowest run so far would carry past it. ``--cuda-graphs`` gives
+this tree's bench_host ``--cuda-graphs`` (an older one may not have it): its graph rows are compared with the older
+tree's eager rows.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def run_one(version: str, shape: str, args, out_path: str) -> dict:
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--out", out_path]
     if args.device:
         cmd += ["--device", args.device]
+    if args.cuda_graphs and version == "after":
+        cmd += ["--cuda-graphs"]
     env = dict(os.environ, PYTHONPATH=tree)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -72,7 +77,8 @@ def run_all(args) -> Dict[str, dict]:
 
 def table(runs: Dict[str, dict], shapes: List[str]) -> str:
     """Markdown: per shape, tokens, W and mode the ATen ops, the host ms of every repeat before and after, the change
-    of the mean host time, and the GPU ms."""
+    of the mean host time, and the GPU ms. Rows of the newer tree with CUDA graphs ("mode + graphs") are compared
+    with the older tree's eager rows."""
     lines = ["| shape | tokens | W | mode | ATen ops before → after | host ms before | host ms after | change | "
              "GPU ms before → after |", "|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
@@ -81,18 +87,22 @@ def table(runs: Dict[str, dict], shapes: List[str]) -> str:
             version, run_shape, _ = name.split("_")
             if run_shape == shape:
                 for r in run["rows"]:
-                    rows.setdefault((r["tokens"], r["world"], r["mode"]), {}).setdefault(version, []).append(r)
+                    key = (r["tokens"], r["world"], r["mode"])
+                    rows.setdefault(key, {}).setdefault(version + ("+graphs" if r.get("graphs") else ""), []).append(r)
         for (tokens, world, mode), by in rows.items():
-            if "before" not in by or "after" not in by:
-                continue
-            host = {v: [r["host_ms"] for r in by[v]] for v in ("before", "after")}
-            mean = {v: sum(h) / len(h) for v, h in host.items()}
-            lines.append(
-                f"| {shape} | {tokens} | {world} | {mode} | {by['before'][0]['ops']} → {by['after'][0]['ops']} | "
-                + " | ".join(" / ".join(f"{h:.2f}" for h in host[v]) for v in ("before", "after"))
-                + f" | {100 * (mean['after'] / mean['before'] - 1):+.0f} % | "
-                f"{by['before'][0]['gpu_ms']:.2f} → {by['after'][0]['gpu_ms']:.2f} |")
+            for after in ("after", "after+graphs"):
+                if "before" in by and after in by:
+                    lines.append(_table_row(shape, tokens, world, mode + after[5:].replace("+", " + "),
+                                            by["before"], by[after]))
     return "\n".join(lines)
+
+
+def _table_row(shape, tokens, world, label, before: List[dict], after: List[dict]) -> str:
+    host = [[r["host_ms"] for r in rows] for rows in (before, after)]
+    mean = [sum(h) / len(h) for h in host]
+    return (f"| {shape} | {tokens} | {world} | {label} | {before[0]['ops']} → {after[0]['ops']} | "
+            + " | ".join(" / ".join(f"{h:.2f}" for h in hs) for hs in host)
+            + f" | {100 * (mean[1] / mean[0] - 1):+.0f} % | {before[0]['gpu_ms']:.2f} → {after[0]['gpu_ms']:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -106,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=6, help="bursts of 8 calls timed per row (bench_host --iters)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None, help="default: bench_host's (CUDA when there is one)")
+    p.add_argument("--cuda-graphs", action="store_true", help="this tree's rows also with CUDA graphs")
     p.add_argument("--time-budget", type=float, default=450.0, help="seconds; start no run that would pass it")
     p.add_argument("--out", required=True, help="JSON of every run (the format of docs/results/host_*.json)")
     args = p.parse_args(argv)

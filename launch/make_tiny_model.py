@@ -291,7 +291,7 @@ def init_trainable(model, seed: int = SEED) -> None:
 
 
 def write_checkpoint(out_dir: str, seed: int = SEED, preset: str = "tiny", family: str = "qwen2_5_vl") -> str:
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {tuple(PRESETS)}")

@@ -1,8 +1,8 @@
 """spava_ds: Spava sequence-parallel approximate attention for long-video multimodal models."""
 
-from .attention import sp_attention, spava_attention, ulysses_attention
+from .attention import mesh_attention, sp_attention, spava_attention, ulysses_attention
 from .config import BACKENDS, MODE_TABLE, MODES, SpavaConfig, default_anchor_len, default_passing_len
-from .layout import ZigzagLayout, current_layout, shard_batch, use_layout
+from .layout import MeshLayout, ZigzagLayout, current_layout, make_layout, shard_batch, use_layout
 from .integrations.deepspeed import DistributedAttention
 from .kernels import dense_causal_attention
 from .reference import reference_attention
@@ -14,6 +14,7 @@ __all__ = [
     "DistributedAttention",
     "MODES",
     "MODE_TABLE",
+    "MeshLayout",
     "SpavaConfig",
     "ZigzagLayout",
     "current_layout",
@@ -22,6 +23,8 @@ __all__ = [
     "default_anchor_len",
     "default_passing_len",
     "dense_causal_attention",
+    "make_layout",
+    "mesh_attention",
     "reference_attention",
     "sp_attention",
     "spava_attention",

@@ -15,7 +15,9 @@ The all-gathers run under the attention of steps 2-4 (``SpavaConfig.overlap``). 
 ``config.MODE_TABLE``: mode ``ring`` is the same schedule with whole blocks passed instead of a selection, which
 makes it exact zigzag context parallelism (the key/value blocks travel by all-gather rather than hop by hop; see
 docs/algorithm.md); ``star`` and ``apb`` run it on the contiguous layout; ``ulysses`` exchanges heads for sequence
-with all-to-alls. Each step runs in a ``profiling.span`` ("spava.select", "spava.attend.query", ...).
+with all-to-alls. The two-dimensional mode (``mesh_attention``, ``MeshLayout``) wraps a block-schedule mode in
+an all-to-all over heads inside each intra group (a node). Each step runs in a ``profiling.span``
+("spava.select", "spava.attend.query", ...).
 
 The backward pass of one call is one autograd node that issues its collectives in a fixed order on every rank:
 the all-reduce of the query rows' output gradient, then the reduce-scatter of each passing block's gradient back
@@ -25,42 +27,43 @@ to the rank that selected it. Replicated tokens (anchor, query) get partial grad
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm, kernels
-from .config import SpavaConfig
-from .layout import KeyRange, LocalSegments, PassingPlan, ZigzagLayout, current_layout
+from .config import MESH_MODES, SpavaConfig
+from .layout import KeyRange, LocalSegments, MeshLayout, PassingPlan, ZigzagLayout, current_layout
 from .profiling import span
 from .select import block_scores, gather_passing, query_summary, topk_indices
 
 
-def _check_inputs(q, k, v, layout: ZigzagLayout, rank: int, world_size: int, needs_query: bool) -> None:
+def _check_inputs(q, k, v, layout, rank: int, world_size: int, needs_query: bool,
+                  who: str = "spava_attention") -> None:
     if layout.world_size != world_size:
-        raise ValueError(f"spava_attention: the layout is for {layout.world_size} ranks, the group has {world_size}")
+        raise ValueError(f"{who}: the layout is for {layout.world_size} ranks, the group has {world_size}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("spava_attention: q, k and v must be [batch, seq, heads, head_dim]")
+        raise ValueError(f"{who}: q, k and v must be [batch, seq, heads, head_dim]")
     if not (q.dtype == k.dtype == v.dtype and q.is_floating_point()):
-        raise ValueError(f"spava_attention: q, k and v must have one floating-point dtype, got {q.dtype}, {k.dtype} "
+        raise ValueError(f"{who}: q, k and v must have one floating-point dtype, got {q.dtype}, {k.dtype} "
                          f"and {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"spava_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+        raise ValueError(f"{who}: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"spava_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, "
+        raise ValueError(f"{who}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, "
                          "sequence or head_dim")
     if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"spava_attention: q and k need at least one head each, got {q.shape[2]} query and "
+        raise ValueError(f"{who}: q and k need at least one head each, got {q.shape[2]} query and "
                          f"{k.shape[2]} KV heads")
     if q.shape[2] % k.shape[2]:
-        raise ValueError(f"spava_attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+        raise ValueError(f"{who}: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
     if q.shape[1] != layout.local_len(rank):
-        raise ValueError(f"spava_attention: rank {rank} got {q.shape[1]} tokens, its share of the layout is "
+        raise ValueError(f"{who}: rank {rank} got {q.shape[1]} tokens, its share of the layout is "
                          f"{layout.local_len(rank)} ({layout})")
     if needs_query and layout.query_len == 0:
-        raise ValueError("spava_attention needs a query block (query_len >= 1): the passing keys are chosen by "
+        raise ValueError(f"{who} needs a query block (query_len >= 1): the passing keys are chosen by "
                          "their score against the query")
 
 
@@ -350,7 +353,8 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
                  local_attention: Optional[Callable] = None) -> torch.Tensor:
     """Sequence-parallel attention in the layout's local order, in the mode of ``config.mode``.
 
-    Same tensors as ``spava_attention``; ``layout`` defaults to ``current_layout()``. Modes: ``spava``, ``star``
+    Same tensors as ``spava_attention``; ``layout`` defaults to ``current_layout()``. With a ``MeshLayout`` this is
+    ``mesh_attention`` and ``group`` is its ``DeviceMesh``. Modes: ``spava``, ``star``
     and ``apb`` (approximate), ``ring`` and ``ulysses`` (exact), ``dense`` (exact, a group of one). ``local_attention``
     is used by mode ``ulysses`` only: a callable ``(q, k, v) -> out`` on the full sequence in global order
     ``[b, S, heads/W, d]``, as DeepSpeed's DistributedAttention calls it (default: causal SDPA).
@@ -359,6 +363,11 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
     if layout is None:
         raise ValueError("sp_attention: no layout given and none set with spava_ds.use_layout(...)")
     config = config if config is not None else layout.config
+    if isinstance(layout, MeshLayout):  # the two-dimensional mode: group is the DeviceMesh
+        return mesh_attention(q, k, v, layout, group, config, layer_idx, scale)
+    if config.ulysses_degree > 1:
+        raise ValueError(f"sp_attention: ulysses_degree={config.ulysses_degree} needs a MeshLayout "
+                         "(spava_ds.make_layout), got a flat ZigzagLayout")
     mode = config.mode_spec
     if mode.schedule == "blocks":
         return _zigzag_attention(q, k, v, layout, config, group, layer_idx, scale, exact=mode.passing == "whole")
@@ -370,3 +379,77 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Opti
         raise ValueError(f"mode {config.mode!r} runs in one process; the group has {world} ranks (use ring or ulysses)")
     _check_inputs(q, k, v, layout, rank, world, needs_query=False)
     return kernels.dense_causal_attention(q, k, v, scale)
+
+
+# ---- the two-dimensional mode: Ulysses inside each intra group, the zigzag mode over the inter groups ------------
+def _tokens_to_heads(tensors: List[torch.Tensor], lens: List[int], group) -> List[torch.Tensor]:
+    """Each intra rank's token share ``[b, lens[j], H, d]`` -> the whole local sequence ``[b, sum(lens), H/U, d]``
+    for this rank's heads, every tensor in one all-to-all."""
+    u, n = len(lens), tensors[0].shape[1]
+    b, d = tensors[0].shape[0], tensors[0].shape[3]
+    heads = [t.shape[2] // u for t in tensors]
+    # [U, everything for destination u]: for each tensor, destination u's heads of this rank's tokens
+    send = torch.cat([t.reshape(b, n, u, h, d).permute(2, 0, 1, 3, 4).reshape(u, -1) for t, h in zip(tensors, heads)],
+                     dim=1)
+    per_token = b * d * sum(heads)
+    recv = comm.all_to_all(send, [per_token * m for m in lens], [send.shape[1]] * u, group)
+    chunks = [c.split([b * m * h * d for h in heads]) for c, m in zip(recv.split([per_token * m for m in lens]), lens)]
+    return [torch.cat([c[t].view(b, m, h, d) for c, m in zip(chunks, lens)], dim=1) for t, h in enumerate(heads)]
+
+
+def _heads_to_tokens(x: torch.Tensor, lens: List[int], intra_rank: int, group) -> torch.Tensor:
+    """The reverse of ``_tokens_to_heads`` for one tensor: ``[b, sum(lens), h, d]`` -> ``[b, lens[j], U*h, d]``."""
+    u, (b, _, h, d) = len(lens), x.shape
+    n = lens[intra_rank]
+    send = torch.cat([piece.reshape(-1) for piece in x.split(lens, dim=1)])
+    recv = comm.all_to_all(send, [b * n * h * d] * u, [b * m * h * d for m in lens], group)
+    return recv.view(u, b, n, h, d).permute(1, 2, 0, 3, 4).reshape(b, n, u * h, d)
+
+
+def _check_mesh_inputs(q, k, v, layout: MeshLayout, mesh, config: SpavaConfig, rank: int) -> None:
+    shape = tuple(mesh.shape)
+    if shape != (layout.inter_size, layout.intra_size):
+        raise ValueError(f"mesh_attention: the mesh is {shape}, the layout needs (inter {layout.inter_size}, intra "
+                         f"{layout.intra_size})")
+    if not config.mode_spec.mesh:
+        raise ValueError(f"mesh_attention: mode {config.mode!r} does not run on the inter groups; use one of "
+                         f"{MESH_MODES}")
+    _check_inputs(q, k, v, layout, rank, layout.world_size, config.mode_spec.needs_query, who="mesh_attention")
+    u, hq, hkv = layout.intra_size, q.shape[2], k.shape[2]
+    if hq % u:
+        raise ValueError(f"mesh_attention: {hq} query heads do not split over ulysses_degree={u}")
+    if hkv % u and u % hkv:
+        raise ValueError(f"mesh_attention: {hkv} KV heads neither split over nor divide ulysses_degree={u}")
+
+
+def mesh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: MeshLayout, mesh,
+                   config: Optional[SpavaConfig] = None, layer_idx: Optional[int] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Two-dimensional sequence parallelism (differentiable): Ulysses inside each intra group, the zigzag mode of
+    ``config`` (spava, or ring for exact attention) over the inter groups.
+
+    Args:
+        q, k, v: this rank's tokens (``layout.shard``), ``[b, s_local, Hq, d]`` and ``[b, s_local, Hkv, d]``.
+        layout: the ``MeshLayout``; mesh: the ``DeviceMesh`` of ``comm.init_mesh(layout.intra_size)``.
+
+    One all-to-all in the intra group gives each rank its inter rank's whole local sequence for ``Hq/U`` query and
+    ``Hkv/U`` KV heads (span ``spava.mesh.to_heads``); the zigzag mode runs on the inter group as ``sp_attention``
+    does with W = inter size; one all-to-all returns each rank's tokens (``spava.mesh.to_tokens``). The result is
+    the flat mode's at the inter size (head by head). Fewer KV heads than U are replicated first, as
+    DeepSpeed-Ulysses does: each copy then scores and selects its passing tokens for its own query heads, i.e.
+    Spava of the model with its KV heads repeated U / Hkv times.
+    """
+    config = config if config is not None else layout.config
+    inter_group, intra_group = comm.mesh_groups(mesh)
+    i, j = comm.group_rank_size(inter_group)[0], comm.group_rank_size(intra_group)[0]
+    _check_mesh_inputs(q, k, v, layout, mesh, config, i * layout.intra_size + j)
+    lens = layout.share_lens(i)
+    with span("spava.mesh.to_heads"):
+        copies = layout.intra_size // k.shape[2]  # > 1: fewer KV heads than U
+        if copies > 1:
+            k, v = k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
+        qh, kh, vh = _tokens_to_heads([q, k, v], lens, intra_group)
+    flat = layout.inter.config if config is layout.config else dataclasses.replace(config, ulysses_degree=1)
+    out = sp_attention(qh, kh, vh, layout.inter, flat, inter_group, layer_idx, scale)
+    with span("spava.mesh.to_tokens"):
+        return _heads_to_tokens(out, lens, j, intra_group)

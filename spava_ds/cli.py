@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention mode (default: the config's, else spava)")
     p.add_argument("--anchor-len", type=int, help="override the anchor length rule")
     p.add_argument("--passing-len", type=int, help="override the passing budget rule")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="CUDA graphs of each layer's attention in the prefill (default: the config's, auto)")
     p.add_argument("--fps", type=float, help="frames sampled per second of video (default: the model's)")
     p.add_argument("--max-frames", type=int, help="at most this many frames (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -115,8 +117,9 @@ def _spava_config(args, world: int):
     if sp_size != world:
         raise ValueError(f"{args.deepspeed_config}: sequence_parallel_size is {sp_size} but {world} process(es) "
                          "were launched; inference runs one question over all of them")
+    graphs = {"auto": "auto", "on": True, "off": False}.get(args.cuda_graphs)
     overrides = {k: v for k, v in (("mode", args.mode), ("anchor_len", args.anchor_len),
-                                   ("passing_len", args.passing_len)) if v is not None}
+                                   ("passing_len", args.passing_len), ("cuda_graphs", graphs)) if v is not None}
     return SpavaConfig.from_dict({**config.to_dict(), **overrides})
 
 

@@ -81,7 +81,8 @@ def collective_hook(fn: Callable):
     ``async_op=``). ``fn`` returns what ``op`` returns: a work handle (an object with ``wait()``) when
     ``async_op=True``, else None. To observe, call ``op`` and wrap its handle (e.g. to time ``wait()``); to run a
     rank without peers, return None without calling it (the outputs keep whatever they hold). The hook is
-    process-wide; nested hooks: the innermost wins.
+    process-wide; nested hooks: the innermost wins. Under CUDA graphs (``SpavaConfig.cuda_graphs``) the hook runs
+    when a call is captured, not when it is replayed: the graph holds what the hook did then.
     """
     global _COLLECTIVE_HOOK
     previous, _COLLECTIVE_HOOK = _COLLECTIVE_HOOK, fn
@@ -89,6 +90,11 @@ def collective_hook(fn: Callable):
         yield fn
     finally:
         _COLLECTIVE_HOOK = previous
+
+
+def active_collective_hook() -> Optional[Callable]:
+    """The function of the innermost ``collective_hook`` in force, or None."""
+    return _COLLECTIVE_HOOK
 
 
 def _run(op, *args, **kwargs):
@@ -253,6 +259,37 @@ def broadcast_(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> to
         src = dist.get_global_rank(group, 0) if group is not None else 0
         _run(dist.broadcast, x, src=src, group=group)
     return x
+
+
+# ---- the two-dimensional mode -------------------------------------------------------------------------------------
+MESH_DIMS = ("inter", "intra")
+
+
+def init_mesh(ulysses_degree: int, device_type: Optional[str] = None):
+    """The ``DeviceMesh`` of the two-dimensional mode over the whole world: ``(W / U, U)`` with dims
+    ``("inter", "intra")``, so the U consecutive ranks of one node form an intra group. Call it on every rank
+    (it creates process groups). The device type defaults to the default group's (NCCL: ``"cuda"``, else ``"cpu"``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("init_mesh: initialise torch.distributed first (comm.init_distributed)")
+    world = dist.get_world_size()
+    if not isinstance(ulysses_degree, int) or ulysses_degree < 1 or world % ulysses_degree:
+        raise ValueError(f"init_mesh: {world} rank(s) do not split into intra groups of ulysses_degree="
+                         f"{ulysses_degree!r}")
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (world // ulysses_degree, ulysses_degree), mesh_dim_names=MESH_DIMS)
+
+
+def mesh_groups(mesh) -> Tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(inter group, intra group) of this rank in a mesh made by ``init_mesh``."""
+    names = getattr(mesh, "mesh_dim_names", None)
+    if tuple(names or ()) != MESH_DIMS:
+        raise ValueError(f"the two-dimensional mode needs a DeviceMesh with dims {MESH_DIMS} (comm.init_mesh), got "
+                         f"{type(mesh).__name__} with dims {names}")
+    return mesh.get_group("inter"), mesh.get_group("intra")
 
 
 # ---- for entry points: objects gathered across ranks, and naming a rank that died ------------------------------------

@@ -25,6 +25,8 @@ class Mode:
             unless ``passing_len`` is set).
         exact: the mode computes dense causal attention.
         needs_query: the mode needs a query block (its selection scores keys against the query).
+        mesh: the mode runs on the inter groups of the two-dimensional mode (``SpavaConfig.ulysses_degree > 1``):
+            the block schedule does; ulysses is head-parallel already, dense is one process.
     """
 
     layout: str
@@ -34,22 +36,24 @@ class Mode:
     passing_scale: int
     exact: bool
     needs_query: bool
+    mesh: bool
 
 
 # spava: the approximation. ring, ulysses: exact sequence parallelism in the same layout. dense: one process.
 # star, apb: baselines for benchmarks (one contiguous block per rank; star passes nothing, apb has no zigzag and
 # twice Spava's budget per block, which keeps the per-rank total).
 MODE_TABLE = {
-    #               layout        passing  schedule  anchor   scale  exact  needs_query
-    "spava":   Mode("zigzag",     "topk",  "blocks", "rule",  1,     False, True),
-    "ring":    Mode("zigzag",     "whole", "blocks", "rule",  0,     True,  False),
-    "ulysses": Mode("zigzag",     "none",  "heads",  "rule",  0,     True,  False),
-    "dense":   Mode("zigzag",     "none",  "local",  "rule",  0,     True,  False),
-    "star":    Mode("contiguous", "topk",  "blocks", "block", 0,     False, True),
-    "apb":     Mode("contiguous", "topk",  "blocks", "rule",  2,     False, True),
+    #               layout        passing  schedule  anchor   scale  exact  needs_query  mesh
+    "spava":   Mode("zigzag",     "topk",  "blocks", "rule",  1,     False, True,        True),
+    "ring":    Mode("zigzag",     "whole", "blocks", "rule",  0,     True,  False,       True),
+    "ulysses": Mode("zigzag",     "none",  "heads",  "rule",  0,     True,  False,       False),
+    "dense":   Mode("zigzag",     "none",  "local",  "rule",  0,     True,  False,       False),
+    "star":    Mode("contiguous", "topk",  "blocks", "block", 0,     False, True,        True),
+    "apb":     Mode("contiguous", "topk",  "blocks", "rule",  2,     False, True,        True),
 }  # noqa: E241
 MODES = tuple(MODE_TABLE)
 CONTIGUOUS_MODES = tuple(m for m, spec in MODE_TABLE.items() if spec.layout == "contiguous")
+MESH_MODES = tuple(m for m, spec in MODE_TABLE.items() if spec.mesh)  # those that run 2-D
 # "auto" picks per device (see kernels.auto_backend); "math" is plain PyTorch and runs anywhere.
 BACKENDS = ("auto", "math", "cpu_flash", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn")
 
@@ -114,6 +118,15 @@ class SpavaConfig:
         pool_kernel: width of the max-pool that smooths the scores inside a block (odd, >= 1; 1 disables it).
         backend: local attention kernel, one of ``BACKENDS``.
         overlap: overlap the passing-block all-gathers with computation (off only for ablations).
+        ulysses_degree: ranks per intra group of the two-dimensional mode (``MeshLayout``): Ulysses (all-to-all
+            over heads) inside each group of this many consecutive ranks (a node), the zigzag ``mode`` over the
+            W / ulysses_degree groups. 1 (the default) is the flat layout over all W ranks. Only the modes
+            whose ``MODE_TABLE`` row has ``mesh`` (``MESH_MODES``: the block schedule; ``ulysses`` is head-parallel
+            already, ``dense`` one process).
+        cuda_graphs: inference prefill on CUDA through CUDA graphs of each layer's attention (``graphs.py``):
+            ``"auto"`` (default: where the host time matters, at most ``graphs.AUTO_MAX_TOKENS_PER_RANK`` tokens
+            per rank), ``True`` (every call that can be captured), ``False`` (never). Read by ``SpavaSession``;
+            calls that need gradients, on the CPU or on gloo always run eagerly.
 
     Integral numbers of any kind (numpy, 0-d torch tensors) are taken as Python ints. ``config.mode_spec`` is the
     mode's ``Mode`` row.
@@ -125,6 +138,8 @@ class SpavaConfig:
     pool_kernel: int = 5
     backend: str = "auto"
     overlap: bool = True
+    ulysses_degree: int = 1
+    cuda_graphs: Union[str, bool] = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -139,7 +154,16 @@ class SpavaConfig:
         object.__setattr__(self, "pool_kernel", pool)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"SpavaConfig.overlap must be True or False, got {self.overlap!r}")
+        if not (self.cuda_graphs == "auto" or isinstance(self.cuda_graphs, bool)):
+            raise ValueError(f"SpavaConfig.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         object.__setattr__(self, "mode_spec", MODE_TABLE[self.mode])  # not a field: read on every call
+        degree = as_int(self.ulysses_degree)
+        if degree is None or degree < 1:
+            raise ValueError(f"SpavaConfig.ulysses_degree must be an int >= 1, got {self.ulysses_degree!r}")
+        object.__setattr__(self, "ulysses_degree", degree)
+        if degree > 1 and not self.mode_spec.mesh:
+            raise ValueError(f"SpavaConfig.ulysses_degree > 1 (the two-dimensional mode) needs a mode in {MESH_MODES}, "
+                             f"got {self.mode!r}")
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "SpavaConfig":

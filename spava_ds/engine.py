@@ -9,7 +9,8 @@ One question, every rank alike (the anchor and the query are replicated, so ever
 2. the prompt comes from the checkpoint's chat template, its video placeholder expanded as the family's processor
    does; the context ends with the video, the query is the question and the assistant prefix; positions (M-RoPE,
    interleaved M-RoPE or 1-D) are computed on the whole sequence (the family adapter);
-3. ids, embeddings and positions are sharded with ``ZigzagLayout``; one prefill forward with
+3. ids, embeddings and positions are sharded with ``ZigzagLayout`` (``MeshLayout`` in the two-dimensional mode,
+   ``SpavaConfig.ulysses_degree > 1``); one prefill forward with
    ``attn_implementation="spava"`` gives the first token from the query block's last row;
 4. decoding attends each new token to the sharded KV cache with an LSE merge (``integrations/transformers.py``);
    rank 0 samples and broadcasts every token.
@@ -21,7 +22,6 @@ import dataclasses
 import logging
 import math
 import numbers
-import os
 import time
 from typing import List, Optional
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import comm
 from .config import SpavaConfig
-from .layout import ZigzagLayout
+from .layout import MeshLayout, ZigzagLayout, make_layout
 from .integrations.transformers import spava_session, text_decoder
 from .models import family_of
 
@@ -103,6 +103,12 @@ class SpavaEngine:
         if simulate_world is not None and self.world != 1:
             raise ValueError("simulate_world runs in one process: pass group=spava_ds.comm.SELF")
         self.simulate_world = simulate_world
+        self.mesh = None  # the two-dimensional mode's DeviceMesh (over the whole job)
+        if self.config.ulysses_degree > 1:
+            if group is not None or simulate_world is not None:
+                raise ValueError("the two-dimensional mode (ulysses_degree > 1) runs over every process of the job: "
+                                 "leave group and simulate_world unset")
+            self.mesh = comm.init_mesh(self.config.ulysses_degree)
         self.model = model.eval()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -250,8 +256,8 @@ class SpavaEngine:
     def generate(self, inputs: dict, gen: Optional[GenerationConfig] = None) -> Answer:
         """Prefill (with the vision encoder) and decode one sequence; returns the answer with timings."""
         gen = gen or GenerationConfig()
-        layout = ZigzagLayout(inputs["context_len"], inputs["query_len"], self.simulate_world or self.world,
-                              self.config)
+        layout = make_layout(inputs["context_len"], inputs["query_len"], self.simulate_world or self.world,
+                             self.config)
         decoder, lm_head = text_decoder(self.model), self.model.get_output_embeddings()
         positions = inputs["position_ids"]
         local_pos = self._shard(positions, layout, dim=positions.dim() - 1).to(self.device)
@@ -261,13 +267,16 @@ class SpavaEngine:
         start = time.perf_counter()
         marks = [self._mark()]
         keep_cache = gen.max_new_tokens > 1  # a one-token answer needs no KV cache
-        with spava_session(layout, self.config, self.group, keep_cache, simulate=bool(self.simulate_world)) as session:
+        group = self.mesh if self.mesh is not None else self.group
+        with spava_session(layout, self.config, group, keep_cache, simulate=bool(self.simulate_world)) as session:
             embeds, extras = self._local_embeddings(inputs, layout)
             marks.append(self._mark())
             hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False,
                              **extras).last_hidden_state
             marks.append(self._mark())
             first_logits = lm_head(hidden[:, -1]).float()[0]
+            if isinstance(layout, MeshLayout):  # one rank holds the query's last token: it sends the logits
+                dist.broadcast(first_logits, src=layout.last_token_rank())
             token = self._broadcast(_sample(first_logits, gen, generator) if self.rank == 0 else -1)
             marks.append(self._mark())
             self._sync()
@@ -312,6 +321,6 @@ def dense_engine_like(engine: SpavaEngine) -> SpavaEngine:
     """A single-process engine in mode ``dense`` sharing ``engine``'s model (for --check and tests)."""
     clone = object.__new__(SpavaEngine)
     clone.__dict__.update(engine.__dict__)
-    clone.config = dataclasses.replace(engine.config, mode="dense")
-    clone.group, clone.rank, clone.world = comm.SELF, 0, 1
+    clone.config = dataclasses.replace(engine.config, mode="dense", ulysses_degree=1)
+    clone.group, clone.rank, clone.world, clone.mesh = comm.SELF, 0, 1, None
     return clone

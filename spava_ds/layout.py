@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -330,3 +331,126 @@ def shard_batch(batch: Dict[str, Any], layout: ZigzagLayout, rank: int,
         else:
             out[key] = value
     return out
+
+
+# ---- the two-dimensional mode: an inter x intra mesh --------------------------------------------------------------
+class MeshLayout:
+    """The plan of one sequence over an inter x intra mesh of ``world_size`` ranks (``SpavaConfig.ulysses_degree``
+    = U ranks per intra group, a node; ``world_size / U`` inter groups).
+
+    The sequence is first split over the inter groups by ``ZigzagLayout`` (``self.inter``): inter rank i holds
+    ``[anchor | block i | block 2Wi-1-i | query]``. The U ranks of intra group i then hold that local sequence in
+    U contiguous shares (sizes differ by at most one), which is all the layers other than attention see. Global
+    rank ``g = i * U + j`` holds share j of inter rank i: the ranks of one node are consecutive, as torchrun and the
+    deepspeed launcher number them. Attention all-to-alls an intra group's shares so that each rank holds the whole
+    local sequence of its inter rank for ``H / U`` heads (see ``attention.mesh_attention``).
+
+    The anchor and the query are replicated over the inter groups (once per node), never inside one. Raises
+    ``ValueError`` when ``world_size`` is not a multiple of U or an inter rank's sequence has fewer than U tokens.
+    """
+
+    def __init__(self, context_len: int, query_len: int, world_size: int, config: Optional[SpavaConfig] = None):
+        self.config = config if config is not None else SpavaConfig()
+        intra, world = self.config.ulysses_degree, as_int(world_size)
+        if world is None or world < 1:
+            raise ValueError(f"MeshLayout.world_size must be an int >= 1, got {world_size!r}")
+        if world % intra:
+            raise ValueError(f"{world} rank(s) do not split into intra groups of ulysses_degree={intra}")
+        self.world_size, self.intra_size, self.inter_size = world, intra, world // intra
+        # the inter groups run the flat mode: their layout's config is this one at ulysses_degree 1
+        flat = dataclasses.replace(self.config, ulysses_degree=1)
+        self.inter = ZigzagLayout(context_len, query_len, self.inter_size, flat)
+        shortest = min(self.inter.local_len(i) for i in range(self.inter_size))
+        if shortest < intra:
+            raise ValueError(f"an inter rank holds {shortest} tokens, fewer than the {intra} ranks of its intra group "
+                             f"({self.inter})")
+
+    @property
+    def context_len(self) -> int:
+        return self.inter.context_len
+
+    @property
+    def query_len(self) -> int:
+        return self.inter.query_len
+
+    @property
+    def total_len(self) -> int:
+        return self.inter.total_len
+
+    def coords(self, rank: int) -> Tuple[int, int]:
+        """(inter rank, intra rank) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the layout's world of {self.world_size}")
+        return divmod(rank, self.intra_size)
+
+    def share_lens(self, inter_rank: int) -> List[int]:
+        """Tokens of each intra rank of inter group ``inter_rank``, in intra-rank order."""
+        return _split_evenly(self.inter.local_len(inter_rank), self.intra_size)
+
+    def share(self, rank: int) -> Range:
+        """(start, end) of the rank's tokens inside its inter rank's local sequence."""
+        i, j = self.coords(rank)
+        lens = self.share_lens(i)
+        start = sum(lens[:j])
+        return (start, start + lens[j])
+
+    def local_len(self, rank: int) -> int:
+        start, end = self.share(rank)
+        return end - start
+
+    def global_ranges(self, rank: int) -> List[Range]:
+        """Global (start, end) ranges of the rank's tokens, in local order (empty pieces left out)."""
+        i, _ = self.coords(rank)
+        lo, hi = self.share(rank)
+        out, offset = [], 0
+        for start, end in self.inter.global_ranges(i):
+            a, b = max(lo, offset), min(hi, offset + end - start)  # this piece's overlap with the share
+            if a < b:
+                out.append((start + a - offset, start + b - offset))
+            offset += end - start
+        return out
+
+    def positions(self, rank: int, device=None) -> torch.Tensor:
+        """Global position ids of the rank's local tokens, in local order (1-D, int64)."""
+        return torch.cat([torch.arange(s, e, device=device) for s, e in self.global_ranges(rank)])
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """Rank ``rank``'s tokens of a full-sequence tensor (see ``ZigzagLayout.shard``)."""
+        i, _ = self.coords(rank)
+        start, end = self.share(rank)
+        return self.inter.shard(x, i, dim).narrow(dim, start, end - start)
+
+    def unshard(self, parts: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """Rebuild the full sequence from every rank's local tensor (``parts[g]`` from global rank g)."""
+        if len(parts) != self.world_size:
+            raise ValueError(f"unshard: got {len(parts)} parts, the layout has {self.world_size} ranks")
+        u = self.intra_size
+        return self.inter.unshard([torch.cat(parts[i * u:(i + 1) * u], dim=dim) for i in range(self.inter_size)],
+                                  dim=dim)
+
+    def key_share(self, rank: int) -> Tuple[KeyRange, ...]:
+        """This rank's part of its inter rank's ``ZigzagLayout.key_share``: local ``(start, end, causal)`` ranges
+        inside the rank's own tokens. Decoding keeps these keys as the rank's KV cache; over all ranks every token
+        of the sequence is in exactly one share (inter rank 0's intra group holds the anchor and the query). A rank
+        whose tokens are all replicated copies gets one empty range."""
+        i, _ = self.coords(rank)
+        lo, hi = self.share(rank)
+        mine = tuple((max(s, lo) - lo, min(e, hi) - lo, causal) for s, e, causal in self.inter.key_share(i)
+                     if max(s, lo) < min(e, hi))
+        return mine or ((0, 0, False),)
+
+    def last_token_rank(self) -> int:
+        """The global rank whose last local token is the sequence's last (the query's, or block 2Wi-1's): the last
+        intra rank of inter rank 0."""
+        return self.intra_size - 1
+
+    def __repr__(self) -> str:
+        return f"MeshLayout(inter {self.inter_size} x intra {self.intra_size}, {self.inter})"
+
+
+def make_layout(context_len: int, query_len: int, world_size: int, config: Optional[SpavaConfig] = None):
+    """The layout ``config`` asks for: ``ZigzagLayout`` over all ranks, or ``MeshLayout`` when
+    ``config.ulysses_degree > 1``."""
+    if config is not None and config.ulysses_degree > 1:
+        return MeshLayout(context_len, query_len, world_size, config)
+    return ZigzagLayout(context_len, query_len, world_size, config)

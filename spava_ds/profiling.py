@@ -10,6 +10,8 @@ Each step of a layer runs inside ``span(name)``. Names (``attention.py``, ``inte
 ``spava.merge.query``       waiting for the query partials of every rank and merging them by LSE
 ``spava.backward.*``        the same steps in the backward pass (``block2``, ``block1``, ``query``)
 ``spava.ulysses``           mode ulysses: the all-to-alls and the local attention of one call
+``spava.mesh.to_heads``     two-dimensional mode: the intra group's all-to-all of q, k, v (tokens to heads)
+``spava.mesh.to_tokens``    two-dimensional mode: the all-to-all of the output back (heads to tokens)
 ``spava.decode``            one decoding step of one layer (attention over the cache share and the merge)
 ==========================  ==========================================================================================
 
@@ -18,7 +20,10 @@ Systems) a span is a ``record_function`` range of that name; otherwise it is a s
 one check of the profiler state). The collectives themselves are observed with ``comm.collective_hook``.
 
 ``span_hook(fn)`` lets a benchmark time the steps without a profiler: inside the block every span is
-``fn(name)``, a context manager of the caller's (for example one that records CUDA events around the step).
+``fn(name)``, a context manager of the caller's (for example one that records CUDA events around the step). While a
+span hook is in force the attention runs eagerly, never from a CUDA graph (``graphs.py``), so that every call's
+steps reach it. A profiler alone leaves the graphs on: a replayed call shows as one graph launch, and the ranges
+appear only on the calls that ran eagerly or were captured (``SpavaConfig(cuda_graphs=False)`` to see every step).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ def span(name: str) -> ContextManager:
     if _profiler_enabled():
         return record_function(name)
     return _NO_SPAN
+
+
+def span_hook_active() -> bool:
+    """Whether a ``span_hook`` is in force (then every call of the attention runs eagerly, its steps timed)."""
+    return _SPAN_HOOK is not None
 
 
 @contextlib.contextmanager

@@ -7,9 +7,10 @@ The pipeline of a sequence-parallel job (``SpavaEngine.video_inputs``):
 * ``plan_video`` (every rank, no decoding): ``read_metadata`` scans the packets (size, frame rate, duration, frame
   count, keyframe index, a truncated file's missing end) and the ``VideoPlan`` holds the sampled frames, the resized
   size and the grid, hence the token count and the seconds per temporal step (the prompt and the M-RoPE positions);
-* ``video_pixels(plan, first_step, stop_step, device)`` (each rank, its own temporal steps): ``iter_frames`` seeks
-  to the keyframe at or before the first frame and decodes with FFmpeg's threads up to the last, then
-  ``preprocess_frames`` resizes, normalises and patchifies in torch on the rank's GPU.
+* ``video_pixels(plan, first_step, stop_step, device)`` (each rank, its own temporal steps): ``iter_frames`` splits
+  the rank's frames at keyframes and decodes the groups with a few concurrent decoders (threads; each seeks to its
+  group's keyframe and stops after the group's last frame), then ``preprocess_frames`` resizes, normalises and
+  patchifies in torch on the rank's GPU.
 
 The whole-video functions (``read_video``, ``resize_frames``, ``preprocess_video``) are the previous path and the
 reference of the tests. The rules follow transformers' ``Qwen2VLVideoProcessor`` (which Qwen2.5-VL uses), so that
@@ -18,8 +19,8 @@ these paths and the Hugging Face processor give the same tensors:
 * sampling: `fps` frames per second (default 2), at least `min_frames` (4) and at most `max_frames` (768), rounded
   down to a multiple of the temporal patch (2), indices spread uniformly over the whole video;
 * resizing: `smart_resize` (sides multiples of 28, pixels within [min_pixels, max_pixels]) with antialiased bicubic
-  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU (on a GPU: in float,
-  rounded to whole grey levels, as torchvision does there);
+  interpolation on uint8 frames, which is what torchvision does for the processor on the CPU (on a GPU the same
+  bytes, from matrix products: ``resize_by_matmul``);
 * patchify: rescale and normalise with the CLIP mean/std, then the (t, h/2, w/2, 2, 2) patch order the vision
   tower's 2x2 merger expects; an odd frame count is padded by repeating the last frame.
 """
@@ -27,11 +28,14 @@ these paths and the Hugging Face processor give the same tensors:
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
+import queue
+import threading
 import time
 from fractions import Fraction
 from typing import Iterator, List, Optional, Tuple
@@ -309,7 +313,7 @@ def _scan_packets(container, stream, path: str):
     """Presentation timestamps and keyframe flags of the complete packets that are shown, how many packets an edit
     list hides (decoded, never shown), and where the last one ends (seconds)."""
     av = _import_av()
-    pts, keyframe, end, hidden = [], [], 0.0, 0
+    pts, keyframe, end, hidden = [], [], 0, 0  # end in time-base ticks (Fractions per packet cost a third)
     try:
         for packet in container.demux(stream):
             if packet.size == 0 or packet.is_corrupt:  # flush packets; a packet cut by the end of the file
@@ -320,11 +324,11 @@ def _scan_packets(container, stream, path: str):
             pts.append(packet.pts)
             keyframe.append(packet.is_keyframe)
             if packet.pts is not None:
-                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+                end = max(end, packet.pts + (packet.duration or 0))
     except av.FFmpegError as err:
         raise VideoError(f"cannot read video {path!r}: corrupt data after {len(pts)} packets ({err})") from err
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    return pts, keyframe, hidden, end - start
+    return pts, keyframe, hidden, float(end * stream.time_base) - start
 
 
 def read_metadata(path: str | os.PathLike) -> VideoMetadata:
@@ -387,55 +391,118 @@ def plan_video(video: str | os.PathLike | VideoMetadata, fps: float | None = Non
 
 # --------------------------------------------------------------------------------------------------- decoding a share
 
-def _conversion_threads() -> int:
-    """swscale threads for the RGB conversion of the kept frames (its slices give the same bytes as one thread)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# Overrides of the decoder layout (documented in docs/inference.md); the arguments of iter_frames/video_pixels win.
+DECODERS_ENV = "SPAVA_VIDEO_DECODERS"                 # concurrent decoders of one process
+DECODER_THREADS_ENV = "SPAVA_VIDEO_DECODER_THREADS"   # FFmpeg threads of each decoder
+# Decoded RGB frames all decoders of a process may hold ahead of the consumer (in bytes): enough for each to hold a
+# whole group (the frames come out in order, so a decoder ahead of the consumer must keep its group's frames).
+_AHEAD_BYTES = 512 << 20
 
 
-def _decode_from(meta: VideoMetadata, wanted: List[int], threads: int, seek: bool,
-                 stats: dict) -> Iterator[Tuple[int, object]]:
-    """Decode `meta.path` and yield `(index, frame)` for the sorted distinct `wanted` indices, starting at the
-    keyframe at or before the first (when `seek`), stopping after the last. A frame is placed by its timestamp;
-    raises _SeekMissed when the first decoded frame lies after the first wanted one (then decode from the start)."""
-    av = _import_av()
-    key = meta.keyframes[max(0, bisect.bisect_right(meta.keyframes, wanted[0]) - 1)] if seek else 0
-    with _open_input(meta.path) as container:
-        stream = _video_stream(container, meta.path)
-        stream.thread_type = "AUTO"  # frame and slice threads
-        stream.codec_context.thread_count = threads
-        if key > 0:
-            container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
-        index, position = key - 1, 0
-        try:
-            for frame in _decode_needed(container, stream, meta, set(wanted)):
-                stats["decoded_frames"] = stats.get("decoded_frames", 0) + 1
-                index = _frame_index(meta, frame.pts, index + 1)
-                if index > wanted[0] and position == 0 and key > 0:
-                    raise _SeekMissed()
-                if index == wanted[position]:
-                    yield index, frame
-                    position += 1
-                    if position == len(wanted):
-                        return  # the rest of the video is not needed
-                elif index > wanted[position]:
-                    break  # a wanted frame was skipped by the decoder: reported as missing
-        except av.FFmpegError as err:
-            raise VideoError(f"cannot read video {meta.path!r}: corrupt data near frame {index} ({err})") from err
+def rank_cores() -> int:
+    """CPU cores this process may decode with: its affinity, shared with the other ranks of the host
+    (LOCAL_WORLD_SIZE) unless a launcher already pinned it to fewer cores than the host has."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    if cores >= (os.cpu_count() or cores):  # not pinned: torchrun's ranks all see every core
+        cores //= ranks
+    return max(1, cores)
+
+
+def _setting(value, name: str, env: str) -> Optional[int]:
+    """A positive count from the argument, else from the environment variable `env`, else None."""
+    source = name
+    if value is None:
+        value, source = os.environ.get(env) or None, f"environment variable {env}"
+    if value is None:
+        return None
+    text = str(value).strip()
+    if isinstance(value, float) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({source})")
+    return int(text)
+
+
+def decoder_layout(groups: int = 1 << 30, decoders: int | None = None,
+                   threads: int | None = None) -> Tuple[int, int]:
+    """How one process decodes `groups` independent keyframe groups: (decoders, FFmpeg threads per decoder).
+
+    A value given (argument, else $SPAVA_VIDEO_DECODERS / $SPAVA_VIDEO_DECODER_THREADS) is kept; the rest divide
+    `rank_cores()`: by default a decoder per 2 cores (FFmpeg's frame threads scale well in pairs, and fewer Python
+    threads wait less for each other on a busy host), at most one per group, and the cores left to their threads.
+    """
+    decoders = _setting(decoders, "decoders", DECODERS_ENV)
+    threads = _setting(threads, "decoder threads", DECODER_THREADS_ENV)
+    cores = rank_cores()
+    if decoders is None:
+        decoders = max(1, cores // (threads or 2))
+    decoders = min(decoders, groups)
+    return decoders, threads or max(1, cores // decoders)
+
+
+def _keyframe_groups(meta: VideoMetadata, wanted: List[int]) -> List[List[int]]:
+    """The sorted `wanted` frames split at keyframes: a decoder that seeks to a group's keyframe needs nothing
+    before it, and stops at the group's last frame (the frames after it, up to the next keyframe, are skipped)."""
+    groups, last = [], None
+    for index in wanted:
+        key = meta.keyframes[bisect.bisect_right(meta.keyframes, index) - 1]
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(index)
+    return groups
 
 
 class _SeekMissed(Exception):
-    pass
+    """A seek landed after the group's first frame (a keyframe flag the decoder cannot start from)."""
+
+
+def _decode_group(container, stream, meta: VideoMetadata, wanted: List[int], seek: bool,
+                  stats: dict) -> Iterator[Tuple[int, object]]:
+    """Yield `(index, frame)` for the sorted distinct `wanted` indices from `container`, starting at the keyframe at
+    or before the first (when `seek`; else where the container stands), stopping after the last. A frame is placed
+    by its timestamp; raises _SeekMissed when the first decoded frame lies after the first wanted one."""
+    av = _import_av()
+    key = meta.keyframes[bisect.bisect_right(meta.keyframes, wanted[0]) - 1] if seek else 0
+    index, position = key - 1, 0
+    try:
+        if key > 0:
+            container.seek(meta.frame_pts[key], backward=True, any_frame=False, stream=stream)
+        for frame in _decode_needed(container, stream, meta, set(wanted)):
+            stats["decoded_frames"] += 1
+            index = _frame_index(meta, frame.pts, index + 1)
+            if index > wanted[0] and position == 0 and key > 0:
+                raise _SeekMissed()
+            if index == wanted[position]:
+                yield index, frame
+                position += 1
+                if position == len(wanted):
+                    return  # the rest of the video is not needed
+            elif index > wanted[position]:
+                return  # a wanted frame was skipped by the decoder: reported as missing
+    except av.FFmpegError as err:
+        raise VideoError(f"cannot read video {meta.path!r}: corrupt data near frame {index} ({err})") from err
 
 
 def _decode_needed(container, stream, meta: VideoMetadata, wanted: set):
     """The decoded frames of `stream` from where the container stands, skipping the frames that are not wanted and
     that no other frame refers to (FFmpeg's AVDISCARD_NONREF, set packet by packet: the frame threads take it with
-    each packet). Skipped frames change no other frame: the kept ones are those of a full decode."""
+    each packet), and draining the decoder once every wanted frame's packet is in (no later packet is decoded).
+    Skipped frames change no other frame: the kept ones are those of a full decode."""
     codec = stream.codec_context
-    for packet in container.demux(stream):
-        index = _pts_index(meta, packet.pts)
-        codec.skip_frame = "NONREF" if index is not None and index not in wanted else "DEFAULT"
-        yield from stream.decode(packet)
+    unsent = set(wanted) if meta.frame_pts is not None else None
+    packets = container.demux(stream)
+    try:
+        for packet in packets:
+            index = _pts_index(meta, packet.pts)
+            codec.skip_frame = "NONREF" if index is not None and index not in wanted else "DEFAULT"
+            yield from stream.decode(packet)
+            if unsent and index in unsent:
+                unsent.discard(index)
+                if not unsent:
+                    yield from stream.decode(None)
+                    return
+    finally:
+        packets.close()
 
 
 def _pts_index(meta: VideoMetadata, pts: Optional[int]) -> Optional[int]:
@@ -452,46 +519,114 @@ def _frame_index(meta: VideoMetadata, pts: Optional[int], counted: int) -> int:
     return counted if index is None else index
 
 
-def iter_frames(meta: VideoMetadata, indices, threads: int = 0, stats: dict | None = None) -> Iterator[np.ndarray]:
+def _decoder(meta: VideoMetadata, groups: List[List[int]], seek: bool, threads: int, out: queue.Queue,
+             stop: threading.Event) -> None:
+    """One decoder thread: its own demuxer and FFmpeg decoder (`threads` threads) decode `groups` in order,
+    seeking to each group's keyframe. Puts ("frame", index, RGB array) for every wanted frame, then ("done" or
+    "missed", None, frames decoded) after each group, or ("error", None, exception); returns when `stop` is set.
+    FFmpeg runs without Python's lock (PyAV releases it around demuxing, decoding and the RGB conversion)."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        with _open_input(meta.path) as container:
+            stream = _video_stream(container, meta.path)
+            stream.thread_type = "AUTO"  # frame and slice threads
+            stream.codec_context.thread_count = threads
+            for wanted in groups:
+                stats = {"decoded_frames": 0}
+                try:
+                    for index, frame in _decode_group(container, stream, meta, wanted, seek, stats):
+                        if not put(("frame", index, frame.to_ndarray(format="rgb24", threads=threads))):
+                            return
+                except _SeekMissed:
+                    put(("missed", None, stats["decoded_frames"]))
+                    return
+                if not put(("done", None, stats["decoded_frames"])):
+                    return
+    except BaseException as err:  # noqa: BLE001 -- handed to the consumer, which raises it
+        if isinstance(err, _import_av().FFmpegError):  # e.g. the RGB conversion
+            err = VideoError(f"cannot read video {meta.path!r}: {err}")
+        put(("error", None, err))
+
+
+def _decode_groups(meta: VideoMetadata, groups: List[List[int]], decoders: int, threads: int, stats: dict,
+                   seek: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
+    """`(index, RGB frame)` of every group in order; group g is decoded by decoder g % `decoders`, each in its own
+    thread, which may hold one group's frames ahead of the consumer (within _AHEAD_BYTES for all). A seek that
+    misses turns the rest into one decode from the start (as without seeking)."""
+    # the decoder of the group being consumed needs no room ahead; the others must keep a whole group each
+    frame_bytes = meta.width * meta.height * 3
+    ahead = max(2, min(max(map(len, groups)) + 1, _AHEAD_BYTES // (decoders * frame_bytes))) if decoders > 1 else 2
+    stop = threading.Event()
+    queues = [queue.Queue(ahead) for _ in range(decoders)]
+    workers = [threading.Thread(target=_decoder, args=(meta, groups[w::decoders], seek, threads, queues[w], stop),
+                                name=f"spava-decoder-{w}", daemon=True) for w in range(decoders)]
+    for worker in workers:
+        worker.start()
+    missed = None
+    try:
+        for g, wanted in enumerate(groups):
+            if (yield from _group_frames(queues[g % decoders], meta, wanted, stats)) == "missed":
+                missed = g
+                break
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    if missed is not None:
+        rest = [index for group in groups[missed:] for index in group]
+        yield from _decode_groups(meta, [rest], 1, decoders * threads, stats, seek=False)
+
+
+def _group_frames(frames: queue.Queue, meta: VideoMetadata, wanted: List[int], stats: dict):
+    """Yield one group's `(index, RGB frame)` from its decoder's queue; returns "done" or "missed" (its seek landed
+    late), raises the decoder's error, or VideoError for a frame that did not decode (after the frames before it)."""
+    got = 0
+    while True:
+        kind, index, item = frames.get()
+        if kind == "error":
+            raise item
+        if kind != "frame":
+            break
+        got += 1
+        yield index, item
+    stats["decoded_frames"] = stats.get("decoded_frames", 0) + item
+    if kind == "done" and got < len(wanted):
+        raise VideoError(f"{meta.path!r} is truncated or corrupt: frame {wanted[got]} of the {meta.num_frames} its "
+                         "metadata promises does not decode")
+    return kind
+
+
+def iter_frames(meta: VideoMetadata, indices, threads: int | None = None, stats: dict | None = None,
+                decoders: int | None = None) -> Iterator[np.ndarray]:
     """RGB uint8 `[H, W, 3]` frames of `meta`'s video at the sorted `indices` (repeats yield a frame again), in
-    order. Decodes only from the keyframe at or before the first index to the last one, with FFmpeg's frame and
-    slice threads (`threads` 0: FFmpeg picks). Raises VideoError when a frame the metadata promises does not
-    decode. `stats`, when given, gets "decoded_frames": how many frames the decoder produced."""
+    order. The wanted frames are split at keyframes into groups; `decoders` concurrent decoders (each its own
+    demuxer and FFmpeg decoder with `threads` frame and slice threads; default: `decoder_layout`) take the groups
+    in turn, each seeking to its group's keyframe and stopping after its last frame. Raises VideoError when a frame
+    the metadata promises does not decode. `stats`, when given, gets "decoded_frames" (how many frames the
+    decoders produced), "decoders" and "decoder_threads" (the layout used)."""
     indices = list(indices)
     if not indices:
         return
     if indices != sorted(indices) or indices[0] < 0 or indices[-1] >= meta.num_frames:
         raise ValueError(f"frame indices must be sorted within [0, {meta.num_frames}), got {indices[:8]}")
     wanted = sorted(set(indices))
-    repeats = {i: indices.count(i) for i in wanted} if len(wanted) < len(indices) else None
-    sws_threads = _conversion_threads()
-    got = 0
-    for index, frame in _decode_wanted(meta, wanted, threads, stats):
-        rgb = frame.to_ndarray(format="rgb24", threads=sws_threads)
-        for _ in range(repeats[index] if repeats else 1):
-            yield rgb
-        got += 1
-    if got < len(wanted):
-        raise VideoError(f"{meta.path!r} is truncated or corrupt: frame {wanted[got]} of the {meta.num_frames} its "
-                         "metadata promises does not decode")
-
-
-def _decode_wanted(meta: VideoMetadata, wanted: List[int], threads: int, stats: dict | None):
-    """`_decode_from` with a seek, or from the start when the seek landed after the first wanted frame."""
+    repeats = collections.Counter(indices)
+    groups = _keyframe_groups(meta, wanted)
+    decoders, threads = decoder_layout(len(groups), decoders, threads)
     stats = stats if stats is not None else {}
-    if meta.frame_pts is not None:
-        frames = _decode_from(meta, wanted, threads, True, stats)
-        try:
-            first = next(frames)
-        except StopIteration:
-            return
-        except _SeekMissed:
-            pass
-        else:
-            yield first
-            yield from frames
-            return
-    yield from _decode_from(meta, wanted, threads, False, stats)
+    stats.setdefault("decoded_frames", 0)
+    stats.update(decoders=decoders, decoder_threads=threads)
+    for index, rgb in _decode_groups(meta, groups, decoders, threads, stats):
+        for _ in range(repeats[index]):
+            yield rgb
 
 
 # --------------------------------------------------------------------------------------------------- resizing
@@ -557,15 +692,57 @@ def resize_frames(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int 
 
 
 def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """uint8 `[T, 3, H, W]` -> `size` by antialiased bicubic, values rounded to 0..255 as torchvision does: uint8
-    on the CPU (its uint8 kernel), float with integer values elsewhere (CUDA has no uint8 kernel; torchvision
-    interpolates in float, clamps and rounds there)."""
+    """uint8 `[T, 3, H, W]` -> `size` by antialiased bicubic: torch's uint8 kernel on the CPU (the one torchvision
+    runs for the HF video processor there), the same bytes from `resize_by_matmul` on other devices."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if x.device.type == "cpu":
         return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    y = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-    return y.clamp_(0, 255).round_()
+    return resize_by_matmul(x, size)
+
+
+def resize_by_matmul(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """uint8 `[..., H, W]` -> `[..., *size]`: the bytes of torch's CPU uint8 antialiased bicubic kernel, computed
+    with matrix products on `x`'s device (CUDA has no uint8 antialiased kernel; its float kernel, rounded, differs
+    by a grey level here and there, as torchvision's resize does on a GPU).
+
+    The CPU kernel resizes the width, then the height; each pass sums int16 weights times uint8 values in integers,
+    adds half of 2**precision, shifts right by the precision bits and clamps to 0..255. Here each pass is one
+    float64 matrix product with the same integer weights (its sums stay below 2**31: exact in float64), then the
+    same rounding and clamp.
+    """
+    if x.dtype != torch.uint8:
+        raise ValueError(f"resize_by_matmul takes uint8 pixels, got {x.dtype}")
+    height, width = size
+    y = x.to(torch.float64)
+    if width != x.shape[-1]:
+        weights, precision = _bicubic_int_weights(x.shape[-1], width, y.device)
+        y = _round_shift(y @ weights.T, precision)
+    if height != x.shape[-2]:
+        weights, precision = _bicubic_int_weights(x.shape[-2], height, y.device)
+        y = _round_shift(weights @ y, precision)
+    return y.to(torch.uint8)
+
+
+def _round_shift(sums: torch.Tensor, precision: int) -> torch.Tensor:
+    """(sums + 2**(precision-1)) >> precision, clamped to 0..255, on integer-valued float64 (exact)."""
+    return sums.add_(2.0 ** (precision - 1)).mul_(2.0 ** -precision).floor_().clamp_(0, 255)
+
+
+@functools.lru_cache(maxsize=16)
+def _bicubic_int_weights(in_size: int, out_size: int, device: torch.device) -> Tuple[torch.Tensor, int]:
+    """The integer weights `[out_size, in_size]` (float64 on `device`) and precision bits of torch's CPU uint8
+    antialiased bicubic kernel. Its float weights come from torch's own float64 kernel (resizing the identity gives
+    them exactly); their conversion follows the uint8 kernel: the largest precision (< 22) at which the largest
+    weight stays below 2**15 after doubling, then each weight times 2**precision rounded half away from zero."""
+    identity = torch.eye(in_size, dtype=torch.float64).view(in_size, 1, 1, in_size)
+    weights = F.interpolate(identity, size=(1, out_size), mode="bicubic", antialias=True,
+                            align_corners=False)[:, 0, 0, :].T
+    largest = max(float(weights.max()), 0.0)
+    precision = next((p for p in range(22) if int(0.5 + largest * (1 << (p + 1))) >= 1 << 15), 22)
+    scaled = weights * (1 << precision)
+    rounded = torch.where(scaled < 0, scaled - 0.5, scaled + 0.5).trunc()
+    return rounded.to(device).contiguous(), precision
 
 
 # --------------------------------------------------------------------------------------------------- patchify
@@ -620,15 +797,16 @@ def preprocess_frames(frames: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
 
 
 def video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = None, device=None,
-                 threads: int = 0, chunk_steps: int = 8, timings: dict | None = None) -> torch.Tensor:
+                 threads: int | None = None, chunk_steps: int = 8, timings: dict | None = None,
+                 decoders: int | None = None) -> torch.Tensor:
     """The patch rows of temporal steps [first_step, stop_step) of `plan`'s video (all by default), float32 on
     `device` (default CPU): only these frames are decoded (`iter_frames`), then resized, normalised and patchified
     in torch on `device`, `chunk_steps` steps at a time (on a GPU this overlaps the decoding of the next chunk).
 
-    Equal to the same rows of `preprocess_video(resize_frames(read_video(...)))`: bit for bit on the CPU, within a
-    grey level of the resize on a GPU. `timings`, when given, gets the seconds spent decoding ("decode", RGB
-    conversion included) and preprocessing ("preprocess", with the wait for the device at the end), and the number
-    of frames the decoder produced ("decoded_frames": from the keyframe before the first wanted frame to the last).
+    Equal to the same rows of `preprocess_video(resize_frames(read_video(...)))`, bit for bit, on the CPU and on a
+    GPU. `decoders` and `threads` set the decoding (`iter_frames`, `decoder_layout`). `timings`, when given, gets the
+    seconds spent waiting for decoded frames ("decode", RGB conversion included) and preprocessing ("preprocess",
+    with the wait for the device at the end), and `iter_frames`' stats ("decoded_frames", the decoder layout).
     """
     stop_step = plan.num_steps if stop_step is None else stop_step
     device = torch.device(device if device is not None else "cpu")
@@ -637,7 +815,7 @@ def video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = N
     chunk = chunk_steps * plan.temporal_patch_size
     pinned = device.type == "cuda"  # page-locked staging: the copy to the GPU runs while the next chunk decodes
     seconds = {"decode": 0.0, "preprocess": 0.0, "decoded_frames": 0}
-    frames = iter_frames(meta, indices, threads, seconds)
+    frames = iter_frames(meta, indices, threads, seconds, decoders)
     rows = []
     for start in range(0, len(indices), chunk):
         tick = time.perf_counter()

@@ -89,3 +89,48 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+def run_threaded(fn, world_size: int, *args, timeout: float = 120.0):
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` threads of this process joined by PyTorch's
+    multi-threaded process group (``torch.testing._internal.distributed.multi_threaded_pg``): more ranks than CI's
+    cores allow as processes. It implements all_to_all_single, the all-gathers, all_reduce and reduce_scatter;
+    every collective is synchronous. Returns the results by rank; a rank's exception fails the call.
+    """
+    import threading
+
+    from torch.testing._internal.distributed.multi_threaded_pg import (ProcessLocalGroup, _install_threaded_pg,
+                                                                      _uninstall_threaded_pg)
+
+    results, errors = {}, {}
+    store = dist.HashStore()
+
+    def worker(rank):
+        try:
+            dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
+            try:
+                results[rank] = fn(rank, world_size, *args)
+            finally:
+                dist.destroy_process_group()
+        except BaseException as e:  # noqa: BLE001 - reported below; wake the ranks waiting in a collective
+            errors[rank] = traceback.format_exc()
+            ProcessLocalGroup.exception_handle(e)
+
+    _install_threaded_pg()
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)
+    try:
+        threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+        if any(t.is_alive() for t in threads):
+            raise TimeoutError(f"threaded ranks did not finish in {timeout:.0f} s; done: {sorted(results)}")
+    finally:
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+        _uninstall_threaded_pg()
+        ProcessLocalGroup.reset()
+    if errors:
+        raise AssertionError("threaded ranks failed:\n" + "\n".join(f"--- rank {r} ---\n{tb}"
+                                                                     for r, tb in sorted(errors.items())))
+    return [results[r] for r in range(world_size)]

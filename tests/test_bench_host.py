@@ -49,3 +49,22 @@ def test_every_mode_runs_as_a_middle_rank_and_nothing_is_left_behind(tmp_path, c
 def test_a_rank_outside_the_smallest_world_is_refused():
     with pytest.raises(SystemExit):
         _load_script().main(["--device", "cpu", "--world", "2", "4", "--rank", "2"])
+
+
+def test_cuda_graph_rows_say_why_they_ran_eagerly_on_the_cpu(tmp_path, capsys):
+    bench = _load_script()
+    out = tmp_path / "host.json"
+    assert bench.main(["--device", "cpu", "--tokens", "301", "--world", "2", "--heads", "4", "2", "--head-dim", "8",
+                       "--modes", "spava", "ulysses", "--iters", "1", "--warmup", "2", "--cuda-graphs", "--out",
+                       str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["graphs"]) for r in rows] == [("spava", False), ("spava", True), ("ulysses", False),
+                                                        ("ulysses", True)]
+    graph_rows = [r for r in rows if r["graphs"]]
+    assert all(not r["replayed"] and r["eager_reason"] == "not on CUDA (cpu)" for r in graph_rows)
+    assert all(r["call_ms"] > 0 for r in rows)
+    text = capsys.readouterr().out
+    assert "| 301 | 2 | spava |" in text and "eager: not on CUDA (cpu) |" in text
+    # the summary: spava against the best exact mode (here ulysses), without and with graphs
+    assert "| 301 | 2 | no | ulysses: " in text and "| 301 | 2 | yes | ulysses: " in text
+    assert not dist.is_initialized()

@@ -55,7 +55,8 @@ def _check_ttft_rows(rows, methods, gpus):
 def test_bench_ttft_tiny_one_process(tmp_path, capsys):
     bench = _load_script()
     out, videos = str(tmp_path / "ttft.jsonl"), str(tmp_path / "videos")
-    args = ["--tiny", "--out", out, "--video-dir", videos, "--share-worlds", "2", "3", "--iters", "1"]
+    args = ["--tiny", "--out", out, "--video-dir", videos, "--share-worlds", "2", "3", "--iters", "1",
+            "--decoder-counts", "1", "3"]
     assert bench.main(args) == 0
     rows = _rows(out)
     _check_ttft_rows(rows, ["dense"], 1)
@@ -65,6 +66,15 @@ def test_bench_ttft_tiny_one_process(tmp_path, capsys):
         assert [x["rank"] for x in r["ranks"]] == list(range(world))
         assert sum(x["frames"] for x in r["ranks"]) == 2 * sum(x["steps"][1] - x["steps"][0] for x in r["ranks"])
         assert all(x["decoded_frames"] >= x["frames"] // 2 and x["total"] > 0 for x in r["ranks"])
+        assert all(x["decoders"] >= 1 and x["decoder_threads"] >= 1 for x in r["ranks"])
+    # decoding alone: the whole video and rank 0 of each W, with 1 and 3 decoders, the same frames each time
+    (decoding,) = [r for r in rows if r["kind"] == "decoding"]
+    runs = {(x["scope"], x["asked"]): x for x in decoding["runs"]}
+    assert set(runs) == {(s, k) for s in ("whole video", "rank 0 of W=2", "rank 0 of W=3") for k in (1, 3)}
+    for (scope, asked), x in runs.items():
+        assert x["decoders"] == min(asked, x["decoders"]) and x["seconds"] > 0
+        assert x["kept_frames"] == runs[(scope, 1)]["kept_frames"] <= x["decoded_frames"]
+    assert runs[("whole video", 3)]["decoders"] == 3 and decoding["resize"]["seconds"] > 0
     # the written video is cached: one file, reused by the rerun, which finds everything done
     assert len(os.listdir(videos)) == 1
     assert bench.main(args) == 0 and len(_rows(out)) == len(rows)
@@ -72,6 +82,7 @@ def test_bench_ttft_tiny_one_process(tmp_path, capsys):
     assert bench.main(["--table", out]) == 0
     table = capsys.readouterr().out
     assert "| tiny | 128x96 |" in table and "dense | 1 | new" in table and "slowest rank" in table
+    assert "| whole video | 3 / 3 |" in table
 
 
 def _run_main(rank, world, args):

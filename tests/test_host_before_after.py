@@ -38,3 +38,14 @@ def test_before_and_after_run_interleaved_and_pair_up(tmp_path, capsys):
     assert all(ops[m, "before"] == ops[m, "after"] for m in modes), ops
     with pytest.raises(SystemExit):
         script.main(["--before", str(tmp_path), "--out", str(out)])  # no bench_host.py there
+
+
+def test_graph_rows_of_the_newer_tree_are_compared_with_the_older_eager_rows():
+    script = _load_script()
+    row = dict(tokens=301, world=2, ops=100, gpu_ms=1.0)
+    runs = {"before_3b_1": {"rows": [dict(row, mode="spava", host_ms=2.0)]},  # an older tree: no "graphs" key
+            "after_3b_1": {"rows": [dict(row, mode="spava", host_ms=1.5, graphs=False),
+                                    dict(row, mode="spava", host_ms=0.1, ops=6, graphs=True)]}}
+    lines = script.table(runs, ["3b"]).splitlines()[2:]
+    assert lines == ["| 3b | 301 | 2 | spava | 100 → 100 | 2.00 | 1.50 | -25 % | 1.00 → 1.00 |",
+                     "| 3b | 301 | 2 | spava + graphs | 100 → 6 | 2.00 | 0.10 | -95 % | 1.00 → 1.00 |"]

@@ -11,6 +11,7 @@ checkpoint (``launch/make_tiny_model.py``; the new ones made here in a temporary
 * sampling: ``generate(do_sample=True, ...)`` draws transformers' own tokens for the same seed at W = 1, and at
   W = 2 every rank draws rank 0's tokens (each rank seeded differently);
 * fine-tuning: the loss and gradients of Qwen3-VL and InternVL on 2 ranks (ring) equal transformers' own on one;
+  their memory options (frozen tower, checkpointed layers) keep the loss and the decoder's gradients;
 * bad inputs to ``generate()`` are refused with a message.
 """
 
@@ -338,6 +339,45 @@ def test_finetune_step_matches_transformers(setup, name):
         assert _close(total, ref_grad, 1e-5 * (1 + ref_grad.abs().max().item())), n
 
 
+VISION_PARAMS = {"qwen3_vl": ("model.visual.",), "internvl": ("model.vision_tower.", "model.multi_modal_projector.")}
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_memory_options_hold_for_the_families(setup, name):
+    """A family checkpoint built for training (``train_model.build_model``: the class from its config) with the vision
+    tower frozen and the decoder layers checkpointed gives the plain model's loss and decoder gradients; exactly the
+    tower's parameters are frozen and get none; the timer times the vision phase. Synthetic samples refuse it."""
+    from spava_ds.step_timer import StepTimer
+    from spava_ds.train_model import MemoryOptions, apply_memory_options, build_model
+    from spava_ds.training import VideoQAModel, add_answer, synthetic_sample, training_attn_implementation
+
+    dirs, video = setup
+    engine = _engine(dirs[name], SpavaConfig(mode="dense"), group=comm.SELF)
+    sample = add_answer(engine, _inputs(engine, video), ANSWER)
+
+    def step(options):
+        model = build_model(dirs[name], torch.float32, torch.device("cpu"), training_attn_implementation())[0]
+        apply_memory_options(model, options)
+        qa = VideoQAModel(model.train(), EXACT["ring"], comm.SELF, options)
+        qa.set_timer(StepTimer(torch.device("cpu")))
+        loss = qa(sample)
+        loss.backward()
+        return loss.item(), dict(model.named_parameters()), qa.timer.seconds(), model
+
+    plain_loss, plain, _, _ = step(MemoryOptions())
+    loss, params, seconds, model = step(MemoryOptions(freeze_vision=True, checkpoint_layers=True))
+    assert abs(loss - plain_loss) < 1e-6 and seconds["vision"] > 0
+    frozen = {n for n, p in params.items() if not p.requires_grad}
+    assert frozen == {n for n in params if n.startswith(VISION_PARAMS[name])} and frozen
+    assert all(params[n].grad is None for n in frozen)
+    trained = [n for n in params if n not in frozen and plain[n].grad is not None]
+    assert any("layers.0.self_attn" in n for n in trained)
+    for n in trained:
+        assert _close(params[n].grad, plain[n].grad, 1e-5 * (1 + plain[n].grad.abs().max().item())), n
+    with pytest.raises(ValueError, match="synthetic samples are made for Qwen2.5-VL"):
+        synthetic_sample(model, 4096)
+
+
 def test_generate_refuses_bad_inputs(setup):
     from spava_ds.models import spava_cache
 
@@ -357,6 +397,8 @@ def test_generate_refuses_bad_inputs(setup):
     sdpa = engine.family.model_class().from_pretrained(dirs["qwen2"], attn_implementation="sdpa")
     with pytest.raises(ValueError, match="load it with attn_implementation=spava_ds"):
         spava_cache(sdpa, context_len=10)
+    with pytest.raises(ValueError, match="the two-dimensional mode"):
+        spava_cache(model, SpavaConfig(ulysses_degree=2), context_len=10)
     cache = spava_cache(model, context_len=inputs["context_len"])
     with torch.no_grad():
         model(input_ids=ids, **{kw: cache})

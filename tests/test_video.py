@@ -8,6 +8,7 @@ sampling indices, and (where torchvision works, i.e. the GPU image) transformers
 import importlib.util
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ import torch
 import transformers
 
 from spava_ds.integrations.qwen_vision import temporal_range
-from spava_ds.video import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoError, hf_video_processor_available,
-                            load_video_settings, plan_video, preprocess_video, preprocess_with_processor,
-                            read_metadata, read_video, resize_frames, sample_frame_indices, smart_resize,
+from spava_ds.video import (DECODER_THREADS_ENV, DECODERS_ENV, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoError,
+                            decoder_layout, hf_video_processor_available, iter_frames, load_video_settings,
+                            plan_video, preprocess_video, preprocess_with_processor, rank_cores, read_metadata,
+                            read_video, resize_by_matmul, resize_frames, sample_frame_indices, smart_resize,
                             synthetic_frames, video_pixels, write_synthetic_video)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +123,29 @@ def test_resize_frames_is_bicubic_to_the_smart_size():
     assert resize_frames(out, 112 * 112, 224 * 224) is out
     with pytest.raises(ValueError, match="uint8"):
         resize_frames(frames.astype(np.float32))
+
+
+def test_resize_by_matmul_equals_the_cpu_uint8_kernel():
+    """The device path of the resize (float64 matrix products with the CPU kernel's integer weights) gives the CPU
+    uint8 kernel's bytes exactly: down, up and mixed, strong shrinking (high weight precision), thin sizes, noise
+    (the worst case for rounding and clamping between the passes) and photo-like frames."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(7)
+    cases = [((64, 96), (112, 168)), ((120, 160), (56, 84)), ((360, 640), (364, 644)), ((720, 1280), (28, 56)),
+             ((13, 7), (28, 28)), ((5, 333), (1, 3)), ((30, 40), (30, 333)), ((97, 61), (97, 28)),
+             ((2, 2), (56, 28)), ((481, 353), (224, 168))]
+    for (h, w), size in cases:
+        for frames in (_random_frames(2, h, w, seed=int(rng.integers(1000))), _smooth_frames(1, h, w, seed=h)):
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+            want = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            got = resize_by_matmul(x, size)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), ((h, w), size, (got.int() - want).abs().max())
+    x = torch.from_numpy(_random_frames(1, 40, 50)).permute(0, 3, 1, 2)
+    assert torch.equal(resize_by_matmul(x, (40, 50)), x)  # the size it has: untouched
+    assert torch.equal(resize_by_matmul(x[0, 0], (28, 84)), resize_by_matmul(x, (28, 84))[0, 0])  # any leading dims
+    with pytest.raises(ValueError, match="uint8"):
+        resize_by_matmul(x.float(), (28, 28))
 
 
 # ------------------------------------------------------------------------------------------------ patchify
@@ -522,15 +547,109 @@ def test_each_rank_decodes_only_its_share_equal_to_todays_rows(share_videos, nam
         for world in (1, 2, 3):
             for rank in range(world):
                 first, stop = temporal_range(plan.num_steps, rank, world)
-                stats = {}
-                got = video_pixels(plan, first, stop, chunk_steps=1 + rank, timings=stats)
-                assert torch.equal(got, pixels[first * rows:stop * rows]), (name, fps, world, rank)
+                stats, decoders = {}, 1 + (world + rank + fps) % 3  # 1, 2 or 3 concurrent decoders
+                got = video_pixels(plan, first, stop, chunk_steps=1 + rank, timings=stats, decoders=decoders,
+                                   threads=1 + rank % 2)
+                assert torch.equal(got, pixels[first * rows:stop * rows]), (name, fps, world, rank, decoders)
                 if first == stop:
                     continue
-                # decoding starts at the keyframe at or before the first frame and stops after the last one
-                frames = plan.frames_of_steps(first, stop)
-                key = max(k for k in plan.metadata.keyframes if k <= frames[0])
-                assert stats["decoded_frames"] <= frames[-1] - key + 1 + 4, (stats, key, frames)  # + B-frame delay
+                # each keyframe group of the rank's frames is decoded from its keyframe to its last frame
+                frames = sorted(set(plan.frames_of_steps(first, stop)))
+                keys = [max(k for k in plan.metadata.keyframes if k <= f) for f in frames]
+                spans = {key: max(f for f, k in zip(frames, keys) if k == key) - key + 1 for key in keys}
+                bound = sum(spans.values()) + 3 * len(spans)  # + the B-frames decoded before the group's last
+                assert len(frames) <= stats["decoded_frames"] <= bound, (stats, spans, frames)
+
+
+def test_decoder_layout_divides_the_cores_of_the_rank(monkeypatch):
+    monkeypatch.delenv(DECODERS_ENV, raising=False)
+    monkeypatch.delenv(DECODER_THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rank_cores() == 16  # torchrun's ranks all see the host's 64 cores: a quarter each
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8, 24)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert rank_cores() == 16  # pinned by the launcher: its cores are its own
+    assert decoder_layout(14) == (8, 2)  # a decoder per 2 cores
+    assert decoder_layout(3) == (3, 5) and decoder_layout(1) == (1, 16)  # one per keyframe group at most
+    assert decoder_layout(100, decoders=4) == (4, 4) and decoder_layout(100, threads=1) == (16, 1)
+    monkeypatch.setenv(DECODERS_ENV, "2")
+    assert decoder_layout(100) == (2, 8) and decoder_layout(100, decoders=5) == (5, 3)  # the argument wins
+    monkeypatch.setenv(DECODER_THREADS_ENV, "3")
+    assert decoder_layout(100) == (2, 3)
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(DECODERS_ENV, bad)
+        with pytest.raises(ValueError, match=f"decoders must be a positive integer.*{DECODERS_ENV}"):
+            decoder_layout(10)
+    monkeypatch.delenv(DECODERS_ENV)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="decoder threads must be a positive integer.*decoder threads"):
+            decoder_layout(10, threads=bad)
+
+
+def _decoder_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("spava-decoder")]
+
+
+@needs_av
+def test_decoders_stop_when_the_consumer_stops_or_fails(share_videos, tmp_path):
+    path = share_videos["bframes.mp4"]
+    meta = read_metadata(path)
+    frames = iter_frames(meta, range(0, 61, 3), decoders=3, threads=1)
+    first = next(frames)
+    assert first.shape == (64, 96, 3) and len(_decoder_threads()) == 3
+    frames.close()  # a consumer that stops early (an error on its side) ends the decoders
+    assert _decoder_threads() == []
+    # data zeroed in the middle of the file: every decoder layout gives the same error, and ends its threads
+    data = bytearray(open(path, "rb").read())
+    data[len(data) * 4 // 10:len(data) * 6 // 10] = bytes(len(data) * 6 // 10 - len(data) * 4 // 10)
+    (tmp_path / "zeroed.mp4").write_bytes(bytes(data))
+    plan = plan_video(tmp_path / "zeroed.mp4", fps=11, **BUDGET)
+    errors = set()
+    for decoders in (1, 2, 3):
+        with pytest.raises(VideoError, match="zeroed.mp4") as err:
+            video_pixels(plan, decoders=decoders)
+        errors.add(str(err.value))
+        assert _decoder_threads() == []
+    assert len(errors) == 1, errors
+
+
+class _LateSeeks:
+    """A demuxer whose seeks land a keyframe late (as with a broken index); everything else is PyAV's."""
+
+    def __init__(self, container, late):
+        self._container, self._late = container, late
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def seek(self, offset, **kwargs):
+        return self._container.seek(offset + self._late, **kwargs)
+
+
+@needs_av
+def test_a_seek_that_misses_falls_back_to_decoding_from_the_start(share_videos, monkeypatch):
+    import av
+
+    path = share_videos["bframes.mp4"]
+    plan = plan_video(path, fps=11, **BUDGET)
+    first, stop = temporal_range(plan.num_steps, 1, 2)  # frames 33..60: groups at keyframes 24, 36 and 48
+    seeking, from_start = {}, {}
+    want = video_pixels(plan, first, stop, decoders=2, timings=seeking)
+    meta = plan.metadata
+    late = meta.frame_pts[12] - meta.frame_pts[0]  # one GOP
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: _LateSeeks(real_open(*a, **k), late))
+    assert torch.equal(video_pixels(plan, first, stop, decoders=2, timings=from_start), want)
+    # the first group's seek landed at frame 36, after its frames: the rest was decoded from frame 0
+    assert from_start["decoded_frames"] >= seeking["decoded_frames"] + 12, (seeking, from_start)
 
 
 @needs_av
@@ -554,20 +673,40 @@ def test_single_frame_video_plan(tmp_path):
     assert torch.equal(video_pixels(plan), preprocess_video(resize_frames(frames))[0])
 
 
+def _difference(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Where two tensors differ: the largest difference, the fraction of values and the first positions."""
+    if got.shape != want.shape:
+        return f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}"
+    diff = (got.double() - want.double()).abs()
+    where = diff.nonzero()[:5].tolist()
+    return (f"max difference {diff.max().item():.6g}, {(diff > 0).double().mean().item():.4%} of the values differ, "
+            f"first at {where}")
+
+
 @pytest.mark.gpu
-def test_gpu_preprocessing_within_a_grey_level_of_the_cpu(share_videos):
-    """On a GPU the resize runs in float (CUDA has no uint8 antialiased kernel) and rounds as torchvision does there:
-    within one grey level of the CPU's uint8 kernel, and of transformers' video processor run on the GPU."""
-    plan = plan_video(share_videos["bframes.mp4"], fps=7, **BUDGET)
-    cpu = video_pixels(plan)
-    gpu = video_pixels(plan, device="cuda").cpu()
-    grey = 1 / (255 * min(OPENAI_CLIP_STD)) + 1e-5  # one grey level after normalisation
-    assert gpu.shape == cpu.shape and (gpu - cpu).abs().max() <= grey
-    assert (gpu != cpu).float().mean() < 0.05
-    if hf_video_processor_available():
+def test_gpu_preprocessing_equals_the_cpu(share_videos):
+    """On a GPU the resize is `resize_by_matmul` (float64 matrix products with the CPU kernel's integer weights): the
+    patch rows equal the CPU's bit for bit, and the resize alone equals the CPU kernel at the benchmark's sizes."""
+    import torch.nn.functional as F
+
+    for name, fps, budget in [("bframes.mp4", 7, BUDGET), ("vfr.mp4", 11, dict(min_pixels=28 * 28, max_pixels=2500)),
+                              ("nob.webm", 2, dict(min_pixels=160 * 160, max_pixels=200 * 200))]:
+        plan = plan_video(share_videos[name], fps=fps, **budget)
+        cpu = video_pixels(plan)
+        gpu = video_pixels(plan, device="cuda", decoders=2).cpu()
+        assert torch.equal(gpu, cpu), f"{name}: " + _difference(gpu, cpu)
+    for frames in (_smooth_frames(3, 720, 1280, seed=1), _random_frames(2, 720, 1280, seed=2)):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        for size in [(560, 1008), (728, 1288), (364, 644)]:  # Qwen's budget, the native size, 360p's
+            want = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            got = resize_by_matmul(x.cuda(), size).cpu()
+            assert torch.equal(got, want), f"{size}: " + _difference(got, want)
+    if hf_video_processor_available():  # the GPU image has torchvision: transformers' processor on the CPU agrees
         frames, _ = read_video(share_videos["bframes.mp4"], fps=7)
-        ref, _ = preprocess_with_processor(frames, BUDGET["min_pixels"], BUDGET["max_pixels"], device="cuda")
-        assert ref.shape == gpu.shape and (ref.cpu() - gpu).abs().max() <= grey
+        ref, _ = preprocess_with_processor(frames, BUDGET["min_pixels"], BUDGET["max_pixels"])
+        plan = plan_video(share_videos["bframes.mp4"], fps=7, **BUDGET)
+        gpu = video_pixels(plan, device="cuda").cpu()
+        assert (ref - gpu).abs().max() < 1e-5, _difference(gpu, ref)
 
 
 # ------------------------------------------------------------------------------------------------ engine, W = 1 and 2

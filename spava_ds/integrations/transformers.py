@@ -8,7 +8,9 @@ on the version of transformers' cache classes:
 * **prefill** (the first forward in a session): the model runs on this rank's tokens in the zigzag layout (ids or
   embeddings, and position ids, sharded with ``layout.shard``); every attention layer calls
   ``sp_attention`` in the session's mode, then keeps its share of the keys/values: its two blocks, and on rank 0
-  also the anchor and the query block. The union over ranks is the whole sequence, each token once.
+  also the anchor and the query block. The union over ranks is the whole sequence, each token once. On CUDA,
+  without gradients, the calls go through CUDA graphs per ``SpavaConfig.cuda_graphs`` (``graphs.py``: the second
+  layer of a signature is captured, the later ones replayed); they are freed when the prefill ends.
 * **decode** (``session.decode()`` after the prefill): every rank runs the new token (replicated); each attention
   layer attends it to this rank's cache share and the partials merge by LSE across ranks: exact attention over the
   distributed cache. Rank 0 appends the new token's keys/values to its share.
@@ -32,9 +34,9 @@ import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import comm, kernels
-from ..attention import sp_attention
 from ..config import SpavaConfig
-from ..layout import ZigzagLayout
+from ..graphs import AttentionGraphs
+from ..layout import MeshLayout, ZigzagLayout
 from ..profiling import span
 
 ATTN_NAME = "spava"
@@ -53,19 +55,24 @@ class SpavaSession:
         # exact over the whole cache.
         self.simulate = simulate
         self.config = config if config is not None else layout.config
-        self.group = group
-        self.rank, self.world = comm.group_rank_size(group)
+        self.group = group  # attention's group: the DeviceMesh in the two-dimensional mode (MeshLayout)
+        # Decoding merges over every rank; the two-dimensional mode's mesh spans the world (comm.init_mesh).
+        self.merge_group = None if isinstance(layout, MeshLayout) else group
+        self.rank, self.world = comm.group_rank_size(self.merge_group)
         self.decoding = False
         self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> this rank's k, v [b, n, Hkv, d]
+        self.graphs = AttentionGraphs(self.config.cuda_graphs)  # the prefill's CUDA graphs, if any
 
     def decode(self) -> None:
-        """Switch from the prefill to decoding (one token per forward)."""
+        """Switch from the prefill to decoding (one token per forward); the prefill's CUDA graphs are freed."""
         if not self.cache:
             raise RuntimeError("SpavaSession.decode(): run the prefill first")
+        self.graphs.close()
         self.decoding = True
 
     def cache_ranges(self) -> List[Tuple[int, int]]:
-        """Local (start, end) ranges of the prefill tokens this rank keeps: its ``ZigzagLayout.key_share``."""
+        """Local (start, end) ranges of the prefill tokens this rank keeps: its layout's ``key_share`` (the same
+        question for ``ZigzagLayout`` and ``MeshLayout``)."""
         if self.simulate:
             return [(0, self.layout.total_len)]
         return [(start, end) for start, end, _ in self.layout.key_share(self.rank)]
@@ -78,7 +85,7 @@ class SpavaSession:
     # ---- called by the attention function ------------------------------------------------------------------------
     def prefill(self, layer: int, q, k, v, scale) -> torch.Tensor:
         if not self.simulate:
-            out = sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
+            out = self.graphs.sp_attention(q, k, v, self.layout, self.config, self.group, layer_idx=layer, scale=scale)
         elif self.config.mode_spec.exact:
             out = kernels.dense_causal_attention(q, k, v, scale)
         else:
@@ -97,7 +104,7 @@ class SpavaSession:
                 ck, cv = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
                 self.cache[layer] = (ck, cv)
             out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
-            return comm.merge_partials(out, lse, self.group, self.world, q.dtype, async_op=False).wait()[0]
+            return comm.merge_partials(out, lse, self.merge_group, self.world, q.dtype, async_op=False).wait()[0]
 
 
 class SpavaCacheLayer(DynamicLayer):
@@ -147,6 +154,9 @@ class SpavaCache(Cache):
         self.family = family  # the model's adapter (spava_ds.models), for the hooks that run generate()
         self.config = config if config is not None else SpavaConfig()
         self.config.check_num_layers(num_layers)
+        if self.config.ulysses_degree > 1:
+            raise ValueError("SpavaCache (model.generate()) runs the flat layout: the two-dimensional mode "
+                             f"(ulysses_degree={self.config.ulysses_degree}) runs through spava_ds.SpavaEngine")
         self.group = group
         self.rank, self.world = comm.group_rank_size(group)
         self.context_len = context_len
@@ -191,6 +201,7 @@ class SpavaCache(Cache):
         self.scope.close()
         _SESSION.reset(self._active)
         self._active = None
+        self.session.graphs.close()  # the prefill's CUDA graphs (if any): decoding does not use them
         if len(self.session.cache) == len(self.layers):  # else the forward failed: the cache is unusable anyway
             self.seen_tokens += self._forward_tokens
             for idx, layer in enumerate(self.layers):
@@ -213,6 +224,7 @@ def spava_session(layout: ZigzagLayout, config: Optional[SpavaConfig] = None,
         yield session
     finally:
         _SESSION.reset(token)
+        session.graphs.close()
 
 
 def spava_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

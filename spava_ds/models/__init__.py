@@ -29,7 +29,7 @@ FAMILIES: Dict[str, type] = {t: cls for cls in (ModelFamily, Qwen2_5_VLFamily, Q
                              for t in cls.model_types}
 
 __all__ = ["FAMILIES", "ModelFamily", "VideoFamily", "Qwen2_5_VLFamily", "Qwen3VLFamily", "InternVLFamily",
-           "family_class", "family_of", "load", "step_seconds", "spava_cache", "cache_kwarg"]
+           "family_class", "family_of", "load", "load_model", "step_seconds", "spava_cache", "cache_kwarg"]
 
 
 def family_class(model_type: str) -> type:
@@ -46,12 +46,11 @@ def family_of(model: torch.nn.Module, tokenizer=None) -> ModelFamily:
     return family_class(model.config.model_type)(model, tokenizer)
 
 
-def load(model_dir: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-         tokenizer: bool = True) -> Tuple[torch.nn.Module, object, ModelFamily]:
-    """Load a local checkpoint of a supported family with the language model on ``attn_implementation="spava"``
-    (the vision tower keeps SDPA): ``(model, tokenizer, family)``. ``device``/``dtype`` default to this rank's
-    GPU in bf16, else the CPU in fp32."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_model(model_dir: str, dtype: torch.dtype, attn_implementation=None) -> torch.nn.Module:
+    """The model of a local checkpoint of a supported family (its config's ``model_type`` picks the class), as
+    ``from_pretrained`` builds it: not moved (under ZeRO-3, DeepSpeed has already placed each rank's partitions).
+    ``attn_implementation`` defaults to the language model on ``"spava"`` and the vision tower on SDPA."""
+    from transformers import AutoConfig
 
     from ..integrations.transformers import spava_attn_implementation
 
@@ -59,14 +58,25 @@ def load(model_dir: str, device: Optional[torch.device] = None, dtype: Optional[
         raise ValueError(f"--model {model_dir!r} is not a directory (a local Hugging Face checkpoint)")
     hf_config = AutoConfig.from_pretrained(model_dir)
     cls = family_class(hf_config.model_type)
+    if attn_implementation is None:
+        attn_implementation = spava_attn_implementation(hf_config)
+    return cls.model_class().from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def load(model_dir: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+         tokenizer: bool = True) -> Tuple[torch.nn.Module, object, ModelFamily]:
+    """Load a local checkpoint of a supported family with the language model on ``attn_implementation="spava"``
+    (the vision tower keeps SDPA): ``(model, tokenizer, family)``. ``device``/``dtype`` default to this rank's
+    GPU in bf16, else the CPU in fp32."""
+    from transformers import AutoTokenizer
+
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
     dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = cls.model_class().from_pretrained(model_dir, dtype=dtype,
-                                              attn_implementation=spava_attn_implementation(hf_config)).to(device)
+    model = load_model(model_dir, dtype).to(device)
     tok = AutoTokenizer.from_pretrained(model_dir) if tokenizer else None
-    return model, tok, cls(model, tok)
+    return model, tok, family_of(model, tok)
 
 
 from .generate import cache_kwarg, spava_cache  # noqa: E402  (it needs family_of above)

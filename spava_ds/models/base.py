@@ -101,10 +101,11 @@ class ModelFamily:
         return torch.arange(input_ids.shape[1])[None]
 
     # ---- embeddings ---------------------------------------------------------------------------------------------
-    def local_embeddings(self, inputs: dict, shard: Shard, group=None, device=None,
-                         dtype=None) -> Tuple[torch.Tensor, Dict]:
+    def local_embeddings(self, inputs: dict, shard: Shard, group=None, device=None, dtype=None,
+                         vision_scope=None) -> Tuple[torch.Tensor, Dict]:
         """This rank's input embeddings (``shard`` picks its tokens) and the extra keyword arguments of the decoder
-        forward (none for text models)."""
+        forward (none for text models). ``vision_scope``: a context manager the vision tower runs in (training's
+        timer phase, ``no_grad`` for a frozen tower)."""
         return self.decoder.embed_tokens(shard(inputs["input_ids"]).to(device)), {}
 
     def shard_decoder_kwargs(self, kwargs: dict, shard: Shard) -> dict:
@@ -205,6 +206,10 @@ class VideoFamily(ModelFamily):
         """The decoder's extra keyword arguments for this rank's tokens, from ``encode``'s extra fields (none)."""
         return {}
 
+    def vision_modules(self) -> List[torch.nn.Module]:
+        """The modules that turn pixels into the language model's visual features (what a frozen tower freezes)."""
+        raise NotImplementedError
+
     def fuse_vision_attention(self) -> None:
         """Run the vision tower's attention as one variable-length call where spava_ds knows how (Qwen towers)."""
 
@@ -283,14 +288,16 @@ class VideoFamily(ModelFamily):
         return None
 
     # ---- embeddings -----------------------------------------------------------------------------------------------
-    def local_embeddings(self, inputs: dict, shard: Shard, group=None, device=None,
-                         dtype=None) -> Tuple[torch.Tensor, Dict]:
+    def local_embeddings(self, inputs: dict, shard: Shard, group=None, device=None, dtype=None,
+                         vision_scope=None) -> Tuple[torch.Tensor, Dict]:
         """This rank's embeddings: its tokens' embeddings, its visual tokens replaced by their rows of the features
-        of the whole video (every rank encodes its own frames, ``encode``), and the decoder's extra arguments."""
+        of the whole video (every rank encodes its own frames, ``encode``, inside ``vision_scope``), and the
+        decoder's extra arguments."""
         embeds, _ = super().local_embeddings(inputs, shard, group, device, dtype)
         if "pixel_values_videos" not in inputs:  # (None with a "video_error": every rank raises in ``encode``)
             return embeds, {}
-        fields = self.encode(inputs, group, device, dtype)
+        with vision_scope or contextlib.nullcontext():
+            fields = self.encode(inputs, group, device, dtype)
         slots = visual_slots(inputs["input_ids"] == self.feature_token_id, shard)
         return scatter_features(embeds, fields[0], slots), self.decoder_extras(fields, slots)
 

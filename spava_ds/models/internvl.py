@@ -94,6 +94,9 @@ class InternVLFamily(VideoFamily):
         return [frame_parallel_images(self.model.model.get_image_features, pixels, frames, group)
                 .pooler_output.flatten(0, 1)]
 
+    def vision_modules(self) -> List[torch.nn.Module]:
+        return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+
     def vision_parallel(self, group, input_ids):
         """``get_image_features`` split over ``group`` by frames (``frame_parallel_images``); the frame count comes
         from the prompt's image tokens."""

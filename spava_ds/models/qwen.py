@@ -88,6 +88,9 @@ class Qwen2_5_VLFamily(VideoFamily):
         visual = self.model.model.visual
         return vision_fields(frame_parallel_forward(visual, pixels, grid_thw, group, visual.config))
 
+    def vision_modules(self) -> List[torch.nn.Module]:
+        return [self.model.model.visual]  # the ViT and its merger
+
     def fuse_vision_attention(self) -> None:
         enable_fused_vision_attention(self.model)
 

@@ -1,0 +1,155 @@
+"""20 optimizer steps on one device: spava_ds's exact modes at W = 1 train like plain transformers.
+
+    python launch/check_train_parity.py                  # one GPU: the 3B shape, 4K-token samples, bf16, ZeRO-3
+    python launch/check_train_parity.py --shape tiny --tokens 300 --grid 4 4 --config CPU_FP32.json   # a CPU
+
+Every run starts from the same weights (the same seed) and sees the same samples under the same DeepSpeed JSON:
+
+* ``transformers``: Qwen2.5-VL as transformers runs it, SDPA attention, logits of the whole sequence, its own
+  label shift and loss (no spava_ds on the model's path);
+* ``eager``: the same with transformers' eager attention: another exact attention, whose distance from the first
+  is the noise of the run's precision (bf16 on a GPU);
+* ``ring``, ``ulysses``: ``spava_ds.training.VideoQAModel`` at W = 1 (spava_ds's attention, logits at the labels).
+
+Per step the loss and the gradient norm are compared with ``transformers``; the check passes when the largest
+relative difference of each exact mode is within ``max(--floor, 3 x eager's)``. One JSON line per run and step in
+``--out`` (optional); the table last; exit status 1 when the check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spava_ds import SpavaConfig, comm  # noqa: E402
+from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,  # noqa: E402
+                                  trainable_parameters)
+from spava_ds.training import VideoQAModel, synthetic_sample, train_step, training_attn_implementation  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = ["transformers", "eager", "ring", "ulysses"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="3b", choices=sorted(MODEL_SHAPES))
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "train_zero3_bf16.json"))
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--grid", type=int, nargs=2, default=[26, 46], metavar=("H", "W"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", type=float, default=5e-3, help="smallest relative tolerance")
+    p.add_argument("--out", default=None, help="JSON lines of every step")
+    return p.parse_args(argv)
+
+
+class TransformersLoss(torch.nn.Module):
+    """The model as transformers trains it: ``model(**inputs, labels=...)`` on the whole sequence."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: dict) -> torch.Tensor:
+        ids = sample["input_ids"]
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:] = sample["labels"][:, :-1]  # transformers shifts the labels itself
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=ids.to(device), labels=labels.to(device),
+                         mm_token_type_ids=((ids == self.model.config.video_token_id).int() * 2).to(device),
+                         pixel_values_videos=sample["pixel_values_videos"].to(device),
+                         video_grid_thw=sample["video_grid_thw"].to(device),
+                         second_per_grid_ts=torch.tensor([1.0], device=device))
+        return out.loss
+
+
+def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
+    """Loss and gradient norm of every step of one run."""
+    import deepspeed
+
+    ds, _ = measurement_config(args.config)
+    ds["optimizer"]["params"]["lr"] = args.lr
+    attn = {"transformers": "sdpa", "eager": {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}}
+    torch.manual_seed(args.seed)  # the same initial weights in every run
+    model, handle = build_model(args.shape, model_dtype(ds), device, attn.get(run) or training_attn_implementation(),
+                                ds)
+    module = TransformersLoss(model) if run in attn else VideoQAModel(model, SpavaConfig(mode=run), comm.SELF)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable_parameters(module), config=ds)
+    del handle
+    module.train()
+    curve = []
+    for step in range(args.steps):
+        sample = synthetic_sample(model, args.tokens, tuple(args.grid), seed=args.seed + step % 4, device=device,
+                                  dtype=model_dtype(ds))
+        loss = train_step(engine, sample, 1)
+        curve.append({"run": run, "step": step + 1, "loss": loss.item(),
+                      "grad_norm": float(engine.get_global_grad_norm())})
+    engine.destroy()
+    del engine, module, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return curve
+
+
+def largest_difference(curve, reference, key: str) -> float:
+    return max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-12) for a, b in zip(curve, reference))
+
+
+def report(curves: Dict[str, list], floor: float) -> bool:
+    """The table of every step, the largest differences and the verdict."""
+    print("| step | " + " | ".join(f"{r} loss | {r} grad norm" for r in curves) + " |")
+    print("|---|" + "---|---|" * len(curves))
+    for i in range(len(curves["transformers"])):
+        print(f"| {i + 1} | " + " | ".join(f"{c[i]['loss']:.5f} | {c[i]['grad_norm']:.4f}" for c in curves.values())
+              + " |")
+    reference = curves["transformers"]
+    noise = max(largest_difference(curves["eager"], reference, k) for k in ("loss", "grad_norm"))
+    tolerance = max(floor, 3 * noise)
+    ok = True
+    for run in ("ring", "ulysses"):
+        worst = {k: largest_difference(curves[run], reference, k) for k in ("loss", "grad_norm")}
+        ok &= all(v <= tolerance for v in worst.values())
+        print(f"{run}: largest relative difference from transformers: loss {worst['loss']:.2e}, gradient norm "
+              f"{worst['grad_norm']:.2e} (tolerance {tolerance:.2e}: eager's {noise:.2e} x 3, at least {floor:g})")
+    print("PASS" if ok else "FAIL")
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import deepspeed
+    import deepspeed.ops
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, value)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    created = not dist.is_initialized()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    curves = {run: train(run, args, device) for run in RUNS}
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(dict(e, shape=args.shape, tokens=args.tokens)) + "\n"
+                         for c in curves.values() for e in c)
+    ok = report(curves, args.floor)
+    if created:
+        dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
