@@ -1,12 +1,12 @@
 """The model of long-sequence fine-tuning: a video checkpoint of a supported family (``spava_ds.models``) or
 Qwen2.5-VL built at 3B/7B shape, and its memory options.
 
-* ``build_model``: a checkpoint (``models.load_model``: the family from its config) or a random initialisation of the real architecture at a named
-  shape (``MODEL_SHAPES``: Qwen2.5-VL-3B/7B's published configs, and ``tiny`` for tests). Under ZeRO-3 both go
-  through transformers' DeepSpeed path (``HfDeepSpeedConfig``), so ``deepspeed.zero.Init`` partitions every module
-  as it is built and transformers initialises the weights module by module on the GPU: no rank ever holds the whole
-  7B model, and nothing loops over 7B parameters on the CPU. Without ZeRO-3 the model is built directly on the
-  target device.
+* ``build_model``: a checkpoint (``models.load_model``: the family from its config) or a random initialisation of
+  the real architecture at a named shape (``MODEL_SHAPES``: Qwen2.5-VL-3B/7B's published configs, and ``tiny`` for
+  tests). Under ZeRO-3 both go through transformers' DeepSpeed path (``HfDeepSpeedConfig``), so
+  ``deepspeed.zero.Init`` partitions every module as it is built and transformers initialises the weights module by
+  module on the GPU: no rank ever holds the whole 7B model, and nothing loops over 7B parameters on the CPU. Without
+  ZeRO-3 the model is built directly on the target device.
 * ``MemoryOptions`` / ``apply_memory_options``: the vision tower frozen (no gradient, no optimizer state, run under
   ``no_grad`` by ``VideoQAModel``), activation checkpointing of the decoder (and vision) layers with transformers'
   own switch, optionally holding the checkpoints in pinned CPU memory (``offload``: transformers wraps each layer's
