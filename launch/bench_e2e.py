@@ -38,12 +38,14 @@ Methods (``--methods``; all by default):
 ``ring_2d``           ``--ulysses-degree`` consecutive GPUs, Spava (ring: exact) over the W / U groups (docs/scaling.md)
 ====================  ==================================================================================================
 
-Inputs are synthetic: random pixel values of the right Qwen grid (no video decoding; the GPU image has no PyAV), the
-prompt ``[system, <vision_start>, video tokens, <vision_end>] [question, <im_end>, assistant prefix]`` tokenised
-with the tiny checkpoint's tokenizer, M-RoPE positions from the model's ``get_rope_index``. Frames are resized by
-Qwen's rule (sides rounded to multiples of 28, ``--max-pixels`` 0 keeps the native resolution: 640x360 -> 644x364,
-1280x720 -> 1288x728); one temporal step (2 frames) gives (H/28)*(W/28) tokens (299 at 360p, 1196 at 720p), and
-the step count is the largest giving at most the target context. The query is padded with newline tokens to a
+Inputs are synthetic: random pixel values of the right grid (no video decoding; the GPU image has no PyAV), the
+prompt, grid and positions of the model's family (``spava_ds.models``: its chat template, with the tiny tokenizer of
+the family) for a made-up 2 fps video. Qwen frames are resized by Qwen's rule (sides rounded to multiples of 28, 32
+for Qwen3-VL; ``--max-pixels`` 0 keeps the native resolution: 640x360 -> 644x364, 1280x720 -> 1288x728); one
+temporal step (2 frames) gives (H/28)*(W/28) tokens for Qwen2.5-VL (299 at 360p, 1196 at 720p); InternVL takes one
+448x448 tile per frame (256 tokens). The step count is the largest giving at most the target context. Models:
+``--models 3b 7b internvl3-2b qwen3-vl-8b`` (random bf16 weights, built on the meta device); ``--share-of W ...``
+in one process adds one rank's share of each W, the other ranks stood in for (see ``measure_shares``). The query is padded with newline tokens to a
 multiple of 2W tokens (PyTorch's head-tail load balancing needs it). Preprocessing (tokenising, positions, pixels
 on the GPU) is outside the timed region for every method.
 
@@ -109,7 +111,6 @@ LABELS = {
 }
 GRAPH_SETTINGS = {"auto": "auto", "on": True, "off": False}  # --cuda-graphs -> SpavaConfig.cuda_graphs
 QUESTION = "What is in this video?"
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 BREAKDOWN_KEYS = [
     ("vision", "vision encoder"), ("vision_gather", "vision all-gather"), ("embed", "embedding + scatter"),
     ("linear", "linear layers"), ("lm_other", "other LM ops (norms, RoPE, act.)"),
@@ -311,24 +312,46 @@ def probes(decoder):
 # Model and inputs
 # ----------------------------------------------------------------------------------------------------------------
 
+TINY_FAMILIES = {"tiny-qwen3-vl": "qwen3_vl", "tiny-internvl": "internvl"}  # CPU runs of the other families
+SHAPE_LABELS = {"3b": "Qwen2.5-VL-3B", "7b": "Qwen2.5-VL-7B", "internvl3-2b": "InternVL3-2B",
+                "qwen3-vl-8b": "Qwen3-VL-8B", "tiny": "tiny Qwen2.5-VL", "tiny-qwen3-vl": "tiny Qwen3-VL",
+                "tiny-internvl": "tiny InternVL3"}
+
+
+def shape_tokenizer(shape: str):
+    """The tokenizer of a shape's prompts: the tiny one of its family (its special tokens and chat template)."""
+    import make_tiny_model
+    from bench_engine import shape_tokenizer as published
+
+    if shape in TINY_FAMILIES:
+        spec = make_tiny_model.FAMILIES[TINY_FAMILIES[shape]]
+        return make_tiny_model.build_tokenizer(spec["specials"], spec["template"])
+    return make_tiny_model.build_tokenizer() if shape == "tiny" else published(shape)
+
+
 def build_model(shape: str, tokenizer, device: torch.device):
-    """The random-weight Qwen2.5-VL of ``launch/bench_engine.py`` (built on the GPU), or the tiny checkpoint."""
-    from spava_ds.integrations.qwen_vision import enable_fused_vision_attention
+    """A random-weight model of a published shape (``launch/bench_engine.py``: built on the meta device, initialised
+    on the GPU), the embedded tiny checkpoint (``tiny``) or a tiny random model of another family (``tiny-...``)."""
+    from spava_ds.integrations.transformers import spava_attn_implementation
+    from spava_ds.models import family_class, family_of
 
     if shape == "tiny":
-        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
         from spava_ds.assets import tiny_model_dir
-        from spava_ds.integrations.transformers import spava_attn_implementation
+        from spava_ds.models import load
 
-        cfg = AutoConfig.from_pretrained(tiny_model_dir())
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            tiny_model_dir(), dtype=torch.float32, attn_implementation=spava_attn_implementation(cfg)).eval()
+        model = load(tiny_model_dir(), torch.device("cpu"), torch.float32, tokenizer=False)[0].eval()
+    elif shape in TINY_FAMILIES:
+        import make_tiny_model
+
+        config = make_tiny_model.build_family_config(TINY_FAMILIES[shape], tokenizer)
+        model = family_class(config.model_type).model_class()._from_config(
+            config, dtype=torch.float32, attn_implementation=spava_attn_implementation(config)).eval()
+        make_tiny_model.init_weights(model)
     else:
         from bench_engine import build_model as build_shaped
 
         model = build_shaped(shape, tokenizer, device)
-    enable_fused_vision_attention(model)  # the same (fastest) vision attention for every method, dense included
+    family_of(model).fuse_vision_attention()  # the same (fastest) vision attention for every method, dense included
     install_attention()
     return model
 
@@ -342,15 +365,11 @@ class Case:
     steps: int
     frames: int
     ids: torch.Tensor      # [1, S] (CPU)
-    positions: torch.Tensor  # [3, 1, S] (CPU)
+    positions: torch.Tensor  # [3, 1, S] or [1, S] (CPU)
     context_len: int
     query_len: int
     grid: torch.Tensor     # [[t, h, w]] (device)
-    pixels: Optional[torch.Tensor] = None  # [t*h*w, 1176] (device)
-
-    @property
-    def video_tokens(self) -> int:
-        return int(self.grid.prod()) // 4
+    pixels: Optional[torch.Tensor] = None  # the whole video, as the model takes it (device)
 
 
 def case_key(shape: str, resolution: str, target: int, world: int) -> str:
@@ -358,35 +377,50 @@ def case_key(shape: str, resolution: str, target: int, world: int) -> str:
     return f"{shape}/{resolution}/{target}/W{world}"
 
 
-def tokens_per_step(width: int, height: int, min_pixels: int, max_pixels: int):
-    from spava_ds.video import smart_resize
+def synthetic_plan(family, width: int, height: int, steps: int, args):
+    """The ``VideoPlan`` of a video of ``steps`` temporal steps at ``width`` x ``height`` and 2 fps, every frame
+    kept, from made-up metadata: the family's own sampling and resize rules (``--min-pixels``/``--max-pixels``)."""
+    from spava_ds.video import VideoMetadata
 
-    h, w = smart_resize(height, width, 28, min_pixels, max_pixels if max_pixels > 0 else 1 << 40)
-    return (h // 28) * (w // 28), (w, h)
+    frames = steps * family.frames_per_step
+    meta = VideoMetadata("synthetic", width, height, 2.0, frames / 2.0, frames, None, (0,))
+    settings = dict(family.default_video_settings, min_pixels=args.min_pixels,
+                    max_pixels=args.max_pixels if args.max_pixels > 0 else 1 << 40)
+    return family.plan(meta, settings, fps=2.0, max_frames=frames)
+
+
+def plan_size(family, resolution: str, args) -> list:
+    width, height = parse_resolution(resolution)
+    plan = synthetic_plan(family, width, height, 1, args)
+    return [plan.resized_width, plan.resized_height]
 
 
 def make_case(model, tokenizer, shape, resolution, target, world, args, device, dtype) -> Case:
-    cfg = model.config
-    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    """The family's prompt (its chat template) for the largest video at ``resolution`` within ``target`` tokens,
+    the query padded with newlines to a multiple of 2W, and random pixels of every frame on ``device``."""
+    from spava_ds.models import family_of
+
+    family = family_of(model, tokenizer)
     width, height = parse_resolution(resolution)
-    tps, (w, h) = tokens_per_step(width, height, args.min_pixels, args.max_pixels)
-    prefix = ids_of(SYSTEM) + [cfg.vision_start_token_id]
-    query = ids_of(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
-    text = len(prefix) + 1 + len(query)
-    steps = max(world, (target - text) // tps)
-    n_video = steps * tps
-    context = prefix + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id]
-    pad = -(len(context) + len(query)) % (2 * world)  # PyTorch CP's head-tail split needs a multiple of 2W
-    query = ids_of("\n")[:1] * pad + query
-    ids = torch.tensor([context + query])
-    mm = (ids == cfg.video_token_id).int() * 2
-    grid = torch.tensor([[steps, h // 14, w // 14]])
-    positions, _ = model.model.get_rope_index(ids, mm, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
+    one, two = (family.plan_prompt(synthetic_plan(family, width, height, n, args), QUESTION)["input_ids"].shape[1]
+                for n in (1, 2))
+    per_step = two - one  # a step's tokens: its features, and its timestamp or frame line where the family writes one
+    steps = max(world, (target - (one - per_step)) // per_step)
+    plan = synthetic_plan(family, width, height, steps, args)
+    prompt = family.plan_prompt(plan, QUESTION)
+    ids = prompt["input_ids"][0].tolist()
+    context = prompt["context_len"]
+    pad = -len(ids) % (2 * world)  # PyTorch CP's head-tail split needs a multiple of 2W
+    ids = torch.tensor([ids[:context] + tokenizer("\n", add_special_tokens=False)["input_ids"][:1] * pad +
+                        ids[context:]])
+    positions = family.positions(ids, video_grid_thw=prompt["video_grid_thw"],
+                                 second_per_grid_t=plan.second_per_grid_t)
     gen = torch.Generator(device=device).manual_seed(1234 + target)
-    rows = int(grid.prod())
-    pixels = torch.randn(rows, 3 * 2 * 14 * 14, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    return Case(shape, resolution, (w, h), target, steps, 2 * steps, ids, positions, len(context), len(query),
-                grid.to(device), pixels)
+    width = 3 * plan.temporal_patch_size * plan.patch_size ** 2
+    rows = torch.randn(plan.num_steps * plan.rows_per_step, width, generator=gen, device=device)
+    return Case(shape, resolution, (plan.resized_width, plan.resized_height), target, steps,
+                len(plan.frame_indices), ids, positions, context, ids.shape[1] - context,
+                prompt["video_grid_thw"].to(device), family.model_pixels(rows.to(dtype)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,10 +431,12 @@ class Runner:
     def __init__(self, model, case: Case, method: str, device, clock: Clock, rank: int, world: int, args):
         from spava_ds import MODE_TABLE, MeshLayout, SpavaConfig, ZigzagLayout, comm, make_layout
         from spava_ds.integrations.transformers import text_decoder
+        from spava_ds.models import family_of
+        from spava_ds.models.base import visual_slots
 
         self.model, self.case, self.method, self.device, self.clock = model, case, method, device, clock
         self.decoder, self.lm_head = text_decoder(model), model.get_output_embeddings()
-        self.visual = model.model.visual
+        self.family = family_of(model)
         self.args = args
         single = method.startswith("dense")
         self.group = comm.SELF if single else None
@@ -418,48 +454,44 @@ class Runner:
                                   ulysses_degree=args.ulysses_degree if method in MESH_METHODS else 1,
                                   cuda_graphs=GRAPH_SETTINGS[args.cuda_graphs], **budget)
         self.route = {"torch_cp": "torch_cp", "dense_flash_attn": "flash_attn"}.get(method, "spava")
-        vid = case.ids == model.config.video_token_id
-        self.video_pos_full = vid[0].nonzero()[:, 0].to(device)  # token positions of the video tokens, in order
-        order = torch.cumsum(vid, dim=1) - 1
+        vid = case.ids == self.family.feature_token_id
         S = case.ids.shape[1]
         self.holder = 0  # the rank whose last local row is the sequence's last token
         if self.route == "torch_cp":
             self.mesh = get_mesh(device.type, world)
             self.ids_full = case.ids.to(device)
             self.pos_full = case.positions.to(device)
+            self.slots = visual_slots(vid, lambda x, dim=1: x.to(device))
             self.holder = self._cp_holder(S)
             return
         if method == "spava_no_fused":
             # pass 1: the context with a one-token dummy query (the first query token) for the scorer
             n1 = case.context_len + 1
             self.layout = ZigzagLayout(case.context_len, 1, self.world, self.config)
-            ids, pos, vid1, order1 = (case.ids[:, :n1], case.positions[..., :n1], vid[:, :n1], order[:, :n1])
+            ids, pos, vid1 = case.ids[:, :n1], case.positions[..., :n1], vid[:, :n1]
             self.query_ids = case.ids[:, case.context_len:].to(device)
             self.query_pos = case.positions[..., case.context_len:].to(device)
         else:
             self.layout = make_layout(case.context_len, case.query_len, self.world, self.config)
-            ids, pos, vid1, order1 = case.ids, case.positions, vid, order
+            ids, pos, vid1 = case.ids, case.positions, vid
             if isinstance(self.layout, MeshLayout):  # attention's group is the mesh; the last token has one holder
                 self.attention_group = get_mesh(device.type, world, self.config.ulysses_degree)
                 self.holder = self.layout.last_token_rank()
         lay = self.layout
         self.local_ids = lay.shard(ids, self.rank).to(device)
-        self.local_pos = lay.shard(pos, self.rank, dim=2).to(device)
-        local_vid = lay.shard(vid1, self.rank)[0]
-        self.local_video_pos = local_vid.nonzero()[:, 0].to(device)
-        self.local_order = lay.shard(order1, self.rank)[0][local_vid].to(device)
+        self.local_pos = lay.shard(pos, self.rank, dim=pos.dim() - 1).to(device)
+        self.slots = visual_slots(vid1, lambda x, dim=1: lay.shard(x, self.rank, dim).to(device))
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def _features(self):
-        from spava_ds.integrations import qwen_vision as qv
+        """The visual features (and Qwen3-VL's DeepStack fields) of the whole video on every rank of the method."""
+        from spava_ds import comm
 
         c = self.case
         PROBE.in_vision += 1
         try:
             with PROBE.span("vision_total"):
-                if self.frame_parallel:
-                    return qv.frame_parallel_vision(self.visual, c.pixels, c.grid, group=self.group)
-                return qv.encode_video(self.visual, c.pixels, c.grid)
+                return self.family.encode_pixels(c.pixels, c.grid, self.group if self.frame_parallel else comm.SELF)
         finally:
             PROBE.in_vision -= 1
 
@@ -472,6 +504,7 @@ class Runner:
     def run(self) -> dict:
         """One time-to-first-token run; returns the seconds of each segment on this rank, and the first logits."""
         from spava_ds.integrations.transformers import spava_session
+        from spava_ds.models.base import scatter_features
 
         Route.name, Route.cp_gqa = self.route, self.args.cp_gqa
         clock = self.clock
@@ -480,23 +513,20 @@ class Runner:
         clock.sync()
         wall0 = time.perf_counter()
         m0 = clock.mark()
-        features = self._features()
+        fields = self._features()
         embed = self.decoder.embed_tokens
-        if self.route == "torch_cp":
-            embeds = embed(self.ids_full)
-            embeds[0, self.video_pos_full] = features.to(embeds.dtype)
-        else:
-            embeds = embed(self.local_ids)
-            embeds[0, self.local_video_pos] = features[self.local_order].to(embeds.dtype)
-        del features
+        embeds = scatter_features(embed(self.ids_full if self.route == "torch_cp" else self.local_ids), fields[0],
+                                  self.slots)
+        extras = self.family.decoder_extras(fields, self.slots)  # Qwen3-VL: this rank's DeepStack rows
+        del fields
         m1 = clock.mark()
         if self.route == "torch_cp":
             hidden = self._cp_forward(embeds)
         else:
             keep = self.method == "spava_no_fused"
             with spava_session(self.layout, self.config, self.attention_group, keep_cache=keep) as session:
-                hidden = self.decoder(inputs_embeds=embeds, position_ids=self.local_pos,
-                                      use_cache=False).last_hidden_state
+                hidden = self.decoder(inputs_embeds=embeds, position_ids=self.local_pos, use_cache=False,
+                                      **extras).last_hidden_state
                 if keep:  # the separate query pass over the sharded KV cache
                     del hidden
                     session.decode()
@@ -753,6 +783,15 @@ def peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+def method_label(r: dict) -> str:
+    """A results row's method as the tables say it (a ``--share-of`` row: one rank of W, alone)."""
+    method = r["method"].split("@")[0]
+    label = LABELS.get(method, method)
+    if "share_of" in r:
+        label += f", rank {r.get('share_rank', 1)} of {r['share_of']} alone (no communication)"
+    return label
+
+
 def fmt(x, spec=".3f", none="-"):
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -771,7 +810,8 @@ def tables(data: dict) -> str:
     for model, res, gpus in groups:
         rows = [r for r in results if (r["model"], r["resolution"], r.get("gpus_job")) == (model, res, gpus)]
         size = rows[0].get("size")
-        lines.append(f"\n### Qwen2.5-VL-{model} shape, {res} ({size[0]}x{size[1]} after resize), {gpus} GPU(s) in "
+        lines.append(f"\n### {SHAPE_LABELS.get(model, model)} shape, {res} ({size[0]}x{size[1]} after resize), "
+                     f"{gpus} GPU(s) in "
                      f"the job; {m.get('card', '?')}; {m.get('date', '')}")
         lines.append("TTFT = vision + LM prefill + first token, median of the runs; speedups against the fastest "
                      "dense row at the same context; memory = peak per rank (weights included), max over ranks.")
@@ -790,8 +830,8 @@ def tables(data: dict) -> str:
                 lines.append(f"| ~{context_label(target)} | | all methods | | skipped: {at[0].get('message', '')} "
                              "| | | | | | |")
                 continue
-            for r in sorted(at, key=lambda r: order.get(r["method"], 99)):
-                label = LABELS.get(r["method"], r["method"])
+            for r in sorted(at, key=lambda r: (r.get("share_of", 0), order.get(r["method"].split("@")[0], 99))):
+                label = method_label(r)
                 ctx = f"{r.get('context_tokens', '?')} (~{context_label(target)})"
                 if r.get("status") != "ok":
                     lines.append(f"| {ctx} | {r.get('frames', '')} | {label} | {r.get('gpus', '')} | "
@@ -879,7 +919,7 @@ def plot(paths: List[str], out: str) -> int:
             ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1024 else str(t) for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel("context tokens")
-            ax.set_ylabel(f"speedup vs dense on 1 GPU")
+            ax.set_ylabel("speedup vs dense on 1 GPU")
             ax.set_title(f"{model} shape, {resolution}, {gpus} GPUs ({card}): {what}", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7, loc="upper left")
@@ -896,7 +936,9 @@ def plot(paths: List[str], out: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help="3b, 7b (default: 7b 3b; --tiny: tiny)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="3b, 7b, internvl3-2b, qwen3-vl-8b; on the CPU tiny, tiny-qwen3-vl, tiny-internvl "
+                        "(default: 7b 3b; --tiny: tiny)")
     p.add_argument("--resolutions", nargs="+", default=None,
                    help="360p, 720p, 1080p or WxH (default: 360p 720p; --tiny: 112x112)")
     p.add_argument("--contexts", nargs="+", default=None,
@@ -928,6 +970,11 @@ def main(argv=None) -> int:
                         "give another --out for each setting)")
     p.add_argument("--trace", default=None, help="folder: a Chrome trace of every breakdown run (torch.profiler)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the embedded tiny checkpoint, tiny inputs")
+    p.add_argument("--share-of", type=int, nargs="+", default=None, metavar="W",
+                   help="one process only: also time one rank's share of each W (the other ranks stood in for by "
+                        "PyTorch's fake process group, every collective returning at once, as launch/bench_host.py)"
+                        f" for the methods of {SHARE_METHODS} in --methods")
+    p.add_argument("--share-rank", type=int, default=1, help="the rank --share-of stands for (1: both blocks)")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only plot and tabulate result files")
     p.add_argument("--plot-out", default=None, help="PNG path for --plot (default: the first JSON with .png)")
     p.add_argument("--inject-oom", default=None, help=argparse.SUPPRESS)  # "METHOD@TARGET": test the skip path
@@ -943,11 +990,10 @@ def main(argv=None) -> int:
 
 def bench(args) -> int:
     """Every model x resolution x context x method of ``args``; rank 0 writes the JSON and prints the tables."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from spava_ds import entry
-    from spava_ds.assets import tiny_model_dir
+    from spava_ds.models import family_of
 
     hf_logging.set_verbosity_error()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -981,8 +1027,12 @@ def bench(args) -> int:
     if "dense_flash_attn" in methods and not (cuda and flash_attn_available()):
         log("dense_flash_attn needs CUDA and the flash-attn package: skipped")
         methods.remove("dense_flash_attn")
+    share_methods = [m for m in methods if m in SHARE_METHODS] if args.share_of else []
+    share_names = [share_name(m, w) for w in args.share_of or [] for m in share_methods]
+    if args.share_of and world > 1:
+        raise SystemExit("--share-of runs in one process (it stands for one rank of each W): start without torchrun")
     if world == 1:
-        multi = [m for m in methods if not m.startswith("dense")]
+        multi = [m for m in methods if not m.startswith("dense") and m not in share_methods]
         if multi:
             log(f"one process: only the dense methods run (skipping {multi}); start with torchrun --nproc_per_node N")
         methods = [m for m in methods if m.startswith("dense")]
@@ -1012,7 +1062,6 @@ def bench(args) -> int:
             log(f"torch_cp cannot run on the CPU here ({err}); skipped")
             methods.remove("torch_cp")
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     start = time.perf_counter()
     slowest_run = 0.0
     stopped = False
@@ -1021,11 +1070,12 @@ def bench(args) -> int:
             break
         plan = [(res, t) for res in resolutions for t in contexts]
         todo = [(res, t) for res, t in plan
-                if not all(results.done(case_key(shape, res, t, world), m) for m in methods)]
+                if not all(results.done(case_key(shape, res, t, world), m) for m in methods + share_names)]
         if not todo:
             log(f"[{shape}] everything already in {args.out}")
             continue
         free_memory(device)
+        tokenizer = shape_tokenizer(shape)
         model = build_model(shape, tokenizer, device)
         for res, target in todo:
             if stopped:
@@ -1036,8 +1086,7 @@ def bench(args) -> int:
                     if not results.done(key, mth):
                         results.put(dict(case=key, model=shape, resolution=res, target=target, method=mth,
                                          gpus_job=world, status="skipped", message=f"above --max-context "
-                                         f"{args.max_context}", size=list(tokens_per_step(
-                                             *parse_resolution(res), args.min_pixels, args.max_pixels)[1])))
+                                         f"{args.max_context}", size=plan_size(family_of(model), res, args)))
                 log(f"[{key}] skipped: above --max-context {args.max_context}")
                 continue
             free_memory(device)
@@ -1051,16 +1100,15 @@ def bench(args) -> int:
             for mth in methods:
                 if results.done(key, mth):
                     continue
-                elapsed = time.perf_counter() - start
-                over = args.time_budget is not None and elapsed + slowest_run * (args.iters + args.warmup + 1) \
-                    > args.time_budget
-                if agree(1.0 if (over and rank == 0) else 0.0, device) > 0:
-                    log(f"time budget reached ({elapsed:.0f} s of {args.time_budget:.0f} s): stopping; rerun the "
-                        "same command to continue")
+                if over_budget(args, start, slowest_run, device):
                     stopped = True
                     break
                 single = mth.startswith("dense")
                 gpus = 1 if single else world
+                if mth == "torch_cp" and family_of(model).decoder_inputs:
+                    results.put(dict(base, method=mth, gpus=gpus, status="skipped", message="context_parallel "
+                                     "does not shard DeepStack's inputs (Qwen3-VL)"))
+                    continue
                 previous = results.find(key, mth)
                 entry = dict(base, method=mth, gpus=gpus, status="running",
                              attempts=(previous or {}).get("attempts", 0) + 1)
@@ -1118,6 +1166,9 @@ def bench(args) -> int:
                 results.put(entry)
             del case
             free_memory(device)
+            if share_names and not stopped:
+                slowest_run, stopped = measure_shares(model, tokenizer, shape, res, target, share_methods, args,
+                                                      device, dtype, clock, results, start, slowest_run)
         del model
         free_memory(device)
 
@@ -1129,6 +1180,66 @@ def bench(args) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+SHARE_METHODS = ("spava", "ring", "ulysses", "star", "apb")
+
+
+def share_name(method: str, world: int) -> str:
+    return f"{method}@share{world}"
+
+
+def over_budget(args, start: float, slowest_run: float, device) -> bool:
+    """Whether the next measurement would overrun --time-budget (rank 0 decides for every rank)."""
+    elapsed = time.perf_counter() - start
+    over = args.time_budget is not None and elapsed + slowest_run * (args.iters + args.warmup + 1) > args.time_budget
+    if agree(1.0 if over and (not dist.is_initialized() or dist.get_rank() == 0) else 0.0, device) > 0:
+        log(f"time budget reached ({elapsed:.0f} s of {args.time_budget:.0f} s): stopping; rerun the same command "
+            "to continue")
+        return True
+    return False
+
+
+def measure_shares(model, tokenizer, shape, res, target, methods, args, device, dtype, clock, results, start,
+                   slowest_run):
+    """One process stands for rank ``--share-rank`` of each W of ``--share-of``: its vision share, its tokens of
+    the prefill and the first token, every collective returning at once (PyTorch's fake process group and
+    spava_ds's collective hook, as ``launch/bench_host.py``), so the time is that rank's work with no communication:
+    what W GPUs would take if the collectives were free. Returns (slowest run, stopped)."""
+    from bench_host import alone, fake_group
+
+    for world in args.share_of:
+        case = make_case(model, tokenizer, shape, res, target, world, args, device, dtype)
+        key = case_key(shape, res, target, 1)
+        for mth in methods:
+            name = share_name(mth, world)
+            if results.done(key, name):
+                continue
+            if over_budget(args, start, slowest_run, device):
+                return slowest_run, True
+            entry = dict(case=key, model=shape, resolution=res, target=target, size=list(case.size), frames=case.frames,
+                         context_tokens=case.context_len, query_tokens=case.query_len, gpus_job=1, gpus=world,
+                         method=name, share_of=world, share_rank=args.share_rank, status="ok")
+            free_memory(device)
+            t_method = time.perf_counter()
+            try:
+                fake_group(args.share_rank, world)
+                with alone():
+                    m = measure(Runner(model, case, mth, device, clock, args.share_rank, world, args), args, clock,
+                                device, None, None, False)
+            except torch.OutOfMemoryError as e:
+                entry.update(status="oom", message=f"out of memory: {str(e).splitlines()[0][:160]}")
+                results.put(entry)
+                log(f"  {name:>18}: skipped ({entry['message']})")
+                continue
+            m.pop("_logits")  # the features and partials of the absent ranks are garbage: no first-token check
+            entry.update(m, peak_mem_gib=[peak_gib(device)], measured_in_s=round(time.perf_counter() - t_method, 1))
+            slowest_run = max(slowest_run, entry["ttft"])
+            results.put(entry)
+            log(f"  {name:>18}: TTFT {entry['ttft']:.3f} s (vision {entry['vision']:.3f}, LM {entry['lm']:.3f}); "
+                f"peak {entry['peak_mem_gib'][0]:.1f} GiB; rank {args.share_rank} of {world} alone")
+        del case
+    return slowest_run, False
 
 
 def _measure_with_fallback(runner, args, clock, device, dense_logits, trace, want_breakdown):

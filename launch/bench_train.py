@@ -65,7 +65,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
+from spava_ds.models import family_of  # noqa: E402
 from spava_ds.step_timer import StepTimer  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
                                   apply_memory_options, build_model, measurement_config, memory_options,
@@ -217,7 +217,7 @@ def setup(args, source: str, device: torch.device):
     model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
     if args.fused_vision:
-        enable_fused_vision_attention(model)
+        family_of(model).fuse_vision_attention()
     qa = VideoQAModel(model, spava, options=args.memory)
     engine, *_ = deepspeed.initialize(model=qa, model_parameters=trainable_parameters(qa), config=ds)
     del zero3_handle

@@ -85,17 +85,12 @@ def make_case(tokenizer, task: str, length: int, depth: float, rng: random.Rando
                 f"What is the special magic number for {keys[0]} mentioned in the text?")
 
 
-def prompt_inputs(tokenizer, case: Case) -> dict:
-    """Context = system + user prefix + haystack; query = the question + the assistant prefix (the answer's start)."""
-    context = ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
-               "Read the text and remember the special magic numbers in it.\n\n" + case.context)
-    query = (f"\n\n{case.question}<|im_end|>\n<|im_start|>assistant\n"
-             f"The special magic number for {case.key} is:")
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    qry = tokenizer(query, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ctx + qry])
-    return dict(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], context_len=len(ctx),
-                query_len=len(qry))
+def prompt_inputs(engine: SpavaEngine, case: Case) -> dict:
+    """Through the model's chat template: the system turn and the user's text and haystack are the context; the
+    question, the assistant prefix and the answer's start are the query."""
+    return engine.chat_inputs("Read the text and remember the special magic numbers in it.\n\n" + case.context,
+                              f"\n\n{case.question}", system="You are a helpful AI assistant.",
+                              answer_prefix=f"The special magic number for {case.key} is:")
 
 
 def extract_number(text: str) -> Optional[str]:
@@ -250,7 +245,7 @@ def evaluate(args) -> None:
     start = time.time()
     for n in todo:
         case = cases[n]
-        inputs = prompt_inputs(tokenizer, case)
+        inputs = prompt_inputs(base, case)
         results, seconds = run_methods(engines, inputs, gen, world)
         if rank == 0:
             dense = results.get(("dense", None))

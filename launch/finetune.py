@@ -1,4 +1,4 @@
-"""Fine-tune Qwen2.5-VL on video question answering with sequence parallelism (DeepSpeed launcher).
+"""Fine-tune a video checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL3) on video QA with sequence parallelism (DeepSpeed).
 
     deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config configs/finetune_zero2_sp2.json \\
         --model spava_ds/assets/tiny-qwen2.5-vl --train data/train.jsonl --eval data/test.jsonl --output runs/tiny
@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
-from spava_ds.integrations.qwen_vision import enable_fused_vision_attention  # noqa: E402
+from spava_ds.models import family_of  # noqa: E402
 from spava_ds.tasks import load_records  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
                                   apply_memory_options, build_model, memory_options, model_dtype,
@@ -51,14 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"spava\" block (configs/)")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="Hugging Face Qwen2.5-VL checkpoint directory")
+    model.add_argument("--model", help="Hugging Face checkpoint directory (Qwen2.5-VL, Qwen3-VL, InternVL; the family "
+                       "from its config)")
     model.add_argument("--model-shape", choices=sorted(MODEL_SHAPES),
                        help="random initialisation of the Qwen2.5-VL architecture at this size (no tokenizer: "
                             "train on --synthetic-tokens)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--train", help="jsonl of {video, question, answer} (spava_ds.tasks writes one)")
     data.add_argument("--synthetic-tokens", type=int, help="train on synthetic samples of this many tokens (random "
-                      "pixels and text; for measurements), one new sample per micro step")
+                      "pixels and text; for measurements; Qwen2.5-VL), one new sample per micro step")
     p.add_argument("--synthetic-grid", type=int, nargs=2, default=[26, 46], metavar=("H", "W"),
                    help="patches per frame of the synthetic video (default 26 x 46: 364 x 644 pixels)")
     p.add_argument("--eval", default=None, help="held-out jsonl for accuracy and loss")
@@ -170,7 +171,7 @@ def setup_training(args, ds: dict, spava_config, total_steps: int, device: torch
                                       training_attn_implementation(), ds)
     apply_memory_options(model, args.memory)
     if args.fused_vision:
-        enable_fused_vision_attention(model)
+        family_of(model).fuse_vision_attention()
     qa = VideoQAModel(model, spava_config, options=args.memory)
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(trainable_parameters(qa), lr=args.lr,
                                                                   weight_decay=0.0)
@@ -279,8 +280,6 @@ def _save_inputs_setup(tokenizer, settings: dict, model_dir: str, out_dir: str) 
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         if os.path.isfile(os.path.join(model_dir, name)):
             shutil.copy(os.path.join(model_dir, name), out_dir)
-
-
 
 
 # ---- training -------------------------------------------------------------------------------------------------------

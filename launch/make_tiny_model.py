@@ -1,7 +1,9 @@
-"""Write the project's tiny random-weight Qwen2.5-VL checkpoint (the engine's embedded default model).
+"""Write the project's tiny random-weight checkpoints: Qwen2.5-VL (the engine's embedded default model), and
+Qwen3-VL, InternVL3 and Qwen2 (text) ones for the tests of every model family.
 
     python launch/make_tiny_model.py                       # -> spava_ds/assets/tiny-qwen2.5-vl/
     python launch/make_tiny_model.py --out /tmp/tiny       # anywhere else
+    python launch/make_tiny_model.py --family qwen3_vl --out /tmp/tiny-qwen3-vl     # qwen3_vl, internvl, qwen2
     python launch/make_tiny_model.py --preset small --out runs/small-init   # a trainable starting point (below)
 
 Deterministic: the tokenizer is a byte-level BPE trained in-process on the fixed corpus below and every weight is
@@ -15,6 +17,12 @@ synthetic tasks of spava_ds.tasks): same tokenizer and video settings, text hidd
 2 KV heads, head_dim 64), vision hidden 128 x 4 blocks (two of them full attention), about 3.8M parameters, with a
 GPT-2 style initialisation (std 0.02, residual output projections scaled by 1/sqrt(2 * layers)) stored in fp32.
 The default (``--preset tiny``) output is unchanged.
+
+``--family`` (default ``qwen2_5_vl``) picks the architecture of a tiny checkpoint (made in about a second, a few MB;
+the tests make them in a temporary folder): ``qwen3_vl`` (interleaved M-RoPE, timestamps in the chat prompt,
+DeepStack from two vision layers), ``internvl`` (112x112 tiles, 16 tokens a frame after the pixel shuffle) and
+``qwen2`` and ``llama`` (text only). Their language models have 12 query and 6 KV heads (head_dim 16), so every
+exact mode, Ulysses included, runs on 1, 2 or 3 processes.
 """
 
 from __future__ import annotations
@@ -113,22 +121,26 @@ matter for the question, remember what happened before and after, and give a sho
 """
 
 
-def build_tokenizer():
-    """Byte-level BPE trained on CORPUS, with Qwen's special tokens, wrapped for transformers."""
+def build_tokenizer(extra_specials: dict | None = None, chat_template: str = CHAT_TEMPLATE):
+    """Byte-level BPE trained on CORPUS, with Qwen's special tokens (and ``extra_specials``, name -> token, e.g.
+    InternVL's image tokens), wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    extra_specials = extra_specials or {}
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS + list(extra_specials.values()),
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.strip().splitlines(), trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768,
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
-    wrapped.chat_template = CHAT_TEMPLATE
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+                              **extra_specials})
+    wrapped.chat_template = chat_template
     return wrapped
 
 
@@ -172,6 +184,76 @@ def build_config(tokenizer, preset: str = "tiny"):
         tie_word_embeddings=True, dtype="float32")
 
 
+def chatml_template(video: str, image: str, default_system: str | None) -> str:
+    """A ChatML chat template that writes ``video`` / ``image`` for those content items (as each family's own
+    template does) and, when the first message is not a system one, ``default_system``."""
+    system = ("{% if loop.first and message.role != 'system' %}"
+              "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{% endif %}") if default_system else ""
+    return ("{% for message in messages %}" + system +
+            "{{ '<|im_start|>' + message.role + '\\n' }}"
+            "{% if message.content is string %}{{ message.content }}"
+            "{% else %}{% for item in message.content %}"
+            "{% if item.type == 'video' %}{{ '" + video + "' }}"
+            "{% elif item.type == 'image' %}{{ '" + image + "' }}"
+            "{% elif item.type == 'text' %}{{ item.text }}"
+            "{% endif %}{% endfor %}{% endif %}"
+            "{{ '<|im_end|>\\n' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+# The other families: tokenizer (extra special tokens, chat template as the family's own writes videos), video
+# settings, and the config.
+FAMILIES = {
+    "qwen3_vl": dict(
+        specials={}, template=chatml_template("<|vision_start|><|video_pad|><|vision_end|>",
+                                              "<|vision_start|><|image_pad|><|vision_end|>", None),
+        video=dict(min_pixels=128 * 128, max_pixels=256 * 256, patch_size=16, temporal_patch_size=2, merge_size=2,
+                   fps=2.0, max_frames=64, image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+    "internvl": dict(
+        specials=INTERNVL_TOKENS, template=chatml_template("<video>\\n", "<IMG_CONTEXT>\\n", None),
+        video=dict(fps=2.0, max_frames=64, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])),
+    "qwen2": dict(specials={}, template=chatml_template("", "", "You are a helpful assistant."), video=None),
+    "llama": dict(specials={}, template=chatml_template("", "", "You are a helpful assistant."), video=None),
+}
+# 12 query and 6 KV heads: Ulysses splits them over 2 and 3 ranks
+TEXT = dict(hidden_size=192, intermediate_size=256, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=6,
+            max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def build_family_config(family: str, tokenizer):
+    """The tiny config of ``family`` (not Qwen2.5-VL: ``build_config``)."""
+    from transformers import InternVLConfig, LlamaConfig, Qwen2Config, Qwen3VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text = dict(TEXT, vocab_size=len(tokenizer), **special)
+    if family in ("qwen2", "llama"):
+        config_class = Qwen2Config if family == "qwen2" else LlamaConfig
+        return config_class(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype="float32")
+    if family == "qwen3_vl":
+        # head_dim 16: 8 frequency pairs, interleaved as t, h, w (transformers' Qwen3-VL rotary)
+        rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        return Qwen3VLConfig(
+            text_config=dict(text, head_dim=16, rope_parameters=rope),
+            vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=192,
+                               patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                               deepstack_visual_indexes=[0, 1]),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True, dtype="float32", **special)
+    if family == "internvl":
+        return InternVLConfig(
+            vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                               image_size=[112, 112], patch_size=[14, 14]),
+            text_config=dict(text, model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+            image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+            image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=True, dtype="float32")
+    raise ValueError(f"unknown family {family!r}; choose from qwen2_5_vl, {', '.join(FAMILIES)}")
+
+
 @torch.no_grad()
 def init_weights(model, seed: int = SEED) -> None:
     """Draw every parameter from one generator, in name order, independently of transformers' own init (which can
@@ -208,36 +290,27 @@ def init_trainable(model, seed: int = SEED) -> None:
         param.copy_(values.to(param.dtype))
 
 
-def write_checkpoint(out_dir: str, seed: int = SEED, preset: str = "tiny") -> str:
-    from safetensors.torch import load_file, save_file
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+def write_checkpoint(out_dir: str, seed: int = SEED, preset: str = "tiny", family: str = "qwen2_5_vl") -> str:
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {tuple(PRESETS)}")
+    if family != "qwen2_5_vl":
+        if preset != "tiny":
+            raise ValueError(f"--preset {preset} is a Qwen2.5-VL preset; --family {family} has the tiny one only")
+        return write_family_checkpoint(out_dir, family, seed)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, preset)
     model = Qwen2_5_VLForConditionalGeneration(config)
     (init_weights if preset == "tiny" else init_trainable)(model, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id], do_sample=False)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-    # Store the weights in bfloat16 (they are bf16 values already) to halve the committed file; config.json keeps
-    # dtype float32, so from_pretrained loads an fp32 model unless asked otherwise. The trainable presets keep fp32.
-    weights_file = os.path.join(out_dir, "model.safetensors")
-    store = torch.bfloat16 if preset == "tiny" else torch.float32
-    state = {k: v.to(store).contiguous() for k, v in sorted(load_file(weights_file).items())}
-    save_file(state, weights_file, metadata={"format": "pt"})
-    os.chmod(weights_file, 0o644)  # save_file leaves it owner-only
+    _save(model, tokenizer, out_dir, torch.bfloat16 if preset == "tiny" else torch.float32)
 
     # Video settings: ours for the engine, and the same budget in Hugging Face's processor files so that
     # AutoProcessor / Qwen2VLVideoProcessor.from_pretrained read it too where torchvision is available.
     common = {k: VIDEO_SETTINGS[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
                                              "image_std")}
-    files = {
+    _write_json(out_dir, {
         "spava_ds.json": VIDEO_SETTINGS,
         "preprocessor_config.json": {
             "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
@@ -246,12 +319,55 @@ def write_checkpoint(out_dir: str, seed: int = SEED, preset: str = "tiny") -> st
             "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
             "size": {"shortest_edge": VIDEO_SETTINGS["min_pixels"], "longest_edge": VIDEO_SETTINGS["max_pixels"]},
             "do_sample_frames": False, "cap_pixels_per_frame": False, **common},
-    }
+    })
+    return out_dir
+
+
+def write_family_checkpoint(out_dir: str, family: str, seed: int = SEED) -> str:
+    """A tiny random checkpoint of another family (``FAMILIES``): config, bf16-valued weights, tokenizer with the
+    family's special tokens and chat template, and ``spava_ds.json`` (video settings)."""
+    from transformers import AutoModelForCausalLM, InternVLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    spec = FAMILIES.get(family)
+    if spec is None:
+        raise ValueError(f"unknown family {family!r}; choose from qwen2_5_vl, {', '.join(FAMILIES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(spec["specials"], spec["template"])
+    config = build_family_config(family, tokenizer)
+    model_class = {"qwen3_vl": Qwen3VLForConditionalGeneration, "internvl": InternVLForConditionalGeneration}.get(
+        family, AutoModelForCausalLM)
+    model = model_class.from_config(config) if model_class is AutoModelForCausalLM else model_class(config)
+    init_weights(model, seed)
+    _save(model, tokenizer, out_dir, torch.bfloat16)
+    if spec["video"]:
+        _write_json(out_dir, {"spava_ds.json": spec["video"]})
+    return out_dir
+
+
+def _save(model, tokenizer, out_dir: str, store: torch.dtype) -> None:
+    """save_pretrained of the model (greedy generation config, EOS <|im_end|> or <|endoftext|>) and the tokenizer;
+    the weights rewritten in ``store`` (bf16 halves a committed file; config.json keeps dtype float32, so
+    from_pretrained loads an fp32 model unless asked otherwise)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GenerationConfig
+
+    text = model.config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id,
+        eos_token_id=[text.eos_token_id, text.bos_token_id], do_sample=False)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    weights_file = os.path.join(out_dir, "model.safetensors")
+    state = {k: v.to(store).contiguous() for k, v in sorted(load_file(weights_file).items())}
+    save_file(state, weights_file, metadata={"format": "pt"})
+    os.chmod(weights_file, 0o644)  # save_file leaves it owner-only
+
+
+def _write_json(out_dir: str, files: dict) -> None:
     for name, content in files.items():
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2)
             f.write("\n")
-    return out_dir
 
 
 def main() -> None:
@@ -261,10 +377,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="tiny: the embedded test model (default); small: a trainable random-init start")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", *FAMILIES],
+                        help="the architecture (default qwen2_5_vl; the others: --preset tiny only)")
     args = parser.parse_args()
-    if args.preset != "tiny" and args.out == default_out:
-        parser.error("--preset small needs --out (the default folder holds the committed tiny model)")
-    out = write_checkpoint(args.out, args.seed, args.preset)
+    if (args.preset != "tiny" or args.family != "qwen2_5_vl") and args.out == default_out:
+        parser.error("--preset small and --family need --out (the default folder holds the committed tiny model)")
+    out = write_checkpoint(args.out, args.seed, args.preset, args.family)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"wrote {out} ({size / 2**20:.2f} MiB): {', '.join(sorted(os.listdir(out)))}")
 

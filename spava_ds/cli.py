@@ -46,8 +46,9 @@ EXIT_RECORDS_FAILED = 3  # a batch ran to its end but some records could not be 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spava-infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the embedded model trained on "
-                                   "spava_ds.tasks)")
+    p.add_argument("--model", help="local Hugging Face checkpoint directory of a supported family, found from its "
+                                   "config: Qwen2.5-VL, Qwen3-VL, InternVL3 (-hf) (default: the embedded model "
+                                   "trained on spava_ds.tasks)")
     p.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a held-out synthetic task video "
                                    "(spava_ds.tasks) made on the fly, with its question and expected answer")
     p.add_argument("--question", help=f"default: the synthetic task's question, or {DEFAULT_QUESTION!r} with --video")

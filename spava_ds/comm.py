@@ -208,6 +208,59 @@ def all_to_all(x: torch.Tensor, out_splits, in_splits, group: Optional[dist.Proc
     return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group)
 
 
+# ---- uneven row blocks (the frame-parallel vision towers) and broadcasts --------------------------------------------
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n - x.shape[0])) if x.shape[0] < n else x
+
+
+def _gather_uneven(x: torch.Tensor, counts, group) -> torch.Tensor:
+    gathered = all_gather_async(_pad_rows(x, max(counts)), group, len(counts), async_op=False).wait()
+    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of uneven row blocks (padded to the largest, trimmed after) with a reduce-scatter backward.
+
+    The backward sums the gradient of this rank's rows over all ranks: under sequence parallelism every rank feeds a
+    different part of the gathered rows to its part of the language model, and the total loss is the sum of the
+    ranks' losses, so each rank's rows get gradient from every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, rank, group):
+        ctx.counts, ctx.rank, ctx.group = counts, rank, group
+        return _gather_uneven(x, counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, world = ctx.counts, len(ctx.counts)
+        padded = torch.stack([_pad_rows(g, max(counts)) for g in torch.split(grad, counts)])
+        summed = reduce_scatter_async(padded, ctx.group, world).wait()
+        return summed[:counts[ctx.rank]], None, None, None
+
+
+def gather_rows(x: torch.Tensor, counts, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Every rank's rows ``x`` (``counts[r]`` rows on rank r, any trailing shape) concatenated in rank order, on every
+    rank. Differentiable: the gradient of this rank's rows is summed over the ranks."""
+    rank, world = group_rank_size(group)
+    counts = [int(n) for n in counts]
+    if x.shape[0] != counts[rank]:
+        raise ValueError(f"gather_rows: rank {rank} holds {x.shape[0]} rows but counts say {counts[rank]}")
+    if world == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, counts, rank, group)
+    return _gather_uneven(x, counts, group)
+
+
+def broadcast_(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Overwrite ``x`` (in place) with its value on the group's rank 0; returns ``x``."""
+    if group_rank_size(group)[1] > 1:
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        _run(dist.broadcast, x, src=src, group=group)
+    return x
+
+
 # ---- the two-dimensional mode -------------------------------------------------------------------------------------
 MESH_DIMS = ("inter", "intra")
 

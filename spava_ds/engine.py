@@ -1,12 +1,14 @@
-"""The inference engine: answer questions about a video with a Qwen2.5-VL checkpoint over W processes.
+"""The inference engine: answer questions about a video (or a long text) with a checkpoint of a supported family
+(``spava_ds.models``: Qwen2.5-VL, Qwen3-VL, InternVL3; Qwen2/Llama text models) over W processes.
 
 One question, every rank alike (the anchor and the query are replicated, so every rank runs the same code):
 
 1. every rank plans the video from the container's metadata (``video.py``: sampled frames, size, grid; the prompt
    and the positions need nothing more), then decodes and preprocesses (on its GPU) only the frames of its own
    temporal steps, about 1/W of them, runs the vision tower on them, and the features are all-gathered;
-2. the prompt is ``[system, <vision_start>, video tokens, <vision_end>]`` (the context) then
-   ``[question, <im_end>, assistant prefix]`` (the query); M-RoPE positions are computed on the whole sequence;
+2. the prompt comes from the checkpoint's chat template, its video placeholder expanded as the family's processor
+   does; the context ends with the video, the query is the question and the assistant prefix; positions (M-RoPE,
+   interleaved M-RoPE or 1-D) are computed on the whole sequence (the family adapter);
 3. ids, embeddings and positions are sharded with ``ZigzagLayout`` (``MeshLayout`` in the two-dimensional mode,
    ``SpavaConfig.ulysses_degree > 1``); one prefill forward with
    ``attn_implementation="spava"`` gives the first token from the query block's last row;
@@ -20,7 +22,6 @@ import dataclasses
 import logging
 import math
 import numbers
-import os
 import time
 from typing import List, Optional
 
@@ -30,12 +31,10 @@ import torch.distributed as dist
 from . import comm
 from .config import SpavaConfig
 from .layout import MeshLayout, ZigzagLayout, make_layout
-from .video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .integrations.transformers import spava_attn_implementation, spava_session, text_decoder
+from .integrations.transformers import spava_session, text_decoder
+from .models import family_of
 
 log = logging.getLogger("spava_ds.engine")
-
-SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @dataclasses.dataclass
@@ -114,45 +113,27 @@ class SpavaEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.tokenizer = tokenizer
-        self.settings = settings or {}
-        self.is_video_model = hasattr(model.config, "vision_config")
+        self.family = family_of(model, tokenizer)
+        self.settings = {**getattr(self.family, "default_video_settings", {}), **(settings or {})}
+        self.is_video_model = self.family.has_vision
         if self.is_video_model and fused_vision:
-            from .integrations.qwen_vision import enable_fused_vision_attention
-
-            enable_fused_vision_attention(self.model)
+            self.family.fuse_vision_attention()
         self.stop_ids = self._stop_ids()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
                         device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                         fused_vision: bool = True, simulate_world: Optional[int] = None) -> "SpavaEngine":
-        """Load a local checkpoint: Qwen2.5-VL (videos) or a Qwen2/Llama text model.
+        """Load a local checkpoint of a supported family (``spava_ds.models``, from its config's ``model_type``).
 
         ``device``/``dtype`` default to this rank's GPU in bf16, else the CPU in fp32.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        if not os.path.isdir(model_dir):
-            raise ValueError(f"--model {model_dir!r} is not a directory (a local Hugging Face checkpoint)")
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        supported_text = ("qwen2", "llama")
-        if hf_config.model_type != "qwen2_5_vl" and hf_config.model_type not in supported_text:
-            raise ValueError(f"unsupported architecture {hf_config.model_type!r}: spava_ds runs Qwen2.5-VL "
-                             f"(videos) and {supported_text} (text)")
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-                torch.device("cpu")
-        dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        attn = spava_attn_implementation(hf_config)
-        if hf_config.model_type == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
-        else:
-            model_cls = AutoModelForCausalLM
-        model = model_cls.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device)
+        from . import models
         from .video import load_video_settings
 
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), config, group, load_video_settings(model_dir),
-                   fused_vision, simulate_world)
+        model, tokenizer, family = models.load(model_dir, device, dtype)
+        settings = load_video_settings(model_dir, getattr(family, "default_video_settings", None))
+        return cls(model, tokenizer, config, group, settings, fused_vision, simulate_world)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _stop_ids(self) -> set:
@@ -171,34 +152,17 @@ class SpavaEngine:
     def video_plan(self, video_path: str, fps: Optional[float] = None, max_frames: Optional[int] = None):
         """The ``VideoPlan`` of a video file (sampled frames, size, grid) under this checkpoint's settings, from the
         container's metadata alone. ``fps``/``max_frames`` override the settings; 0 or less is an error."""
-        from .video import plan_video
-
         if not self.is_video_model:
             raise ValueError("this checkpoint has no vision tower: it cannot answer questions about a video")
-        vcfg = self.model.config.vision_config
-        return plan_video(video_path, fps=fps if fps is not None else self.settings.get("fps"),
-                          max_frames=max_frames if max_frames is not None else self.settings.get("max_frames"),
-                          min_pixels=self.settings.get("min_pixels", 4 * 28 * 28),
-                          max_pixels=self.settings.get("max_pixels", 64 * 28 * 28), patch_size=vcfg.patch_size,
-                          temporal_patch_size=vcfg.temporal_patch_size, merge_size=vcfg.spatial_merge_size,
-                          image_mean=self.settings.get("image_mean", OPENAI_CLIP_MEAN),
-                          image_std=self.settings.get("image_std", OPENAI_CLIP_STD))
+        return self.family.plan(video_path, self.settings, fps, max_frames)
 
-    def video_prompt(self, video_grid_thw: torch.Tensor, second_per_grid_t: float, question: str) -> dict:
-        """The prompt of one video and a question: ids split into context and query, and the global M-RoPE
-        positions (they need only the grid and the seconds per temporal step)."""
+    def video_prompt(self, video_grid_thw: torch.Tensor, second_per_grid_t: float, question: str,
+                     step_times: Optional[List[float]] = None) -> dict:
+        """The prompt of one video and a question (the checkpoint's chat template, the family's expansion of the
+        video): ids split into context and query, and the global positions. They need only the grid, the seconds
+        per temporal step and, for Qwen3-VL, the time of each step (``models.step_seconds``)."""
         _check_question(question)
-        cfg = self.model.config
-        n_video = int(video_grid_thw.prod()) // cfg.vision_config.spatial_merge_size ** 2
-        context = (self._ids(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
-                   + [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id])
-        query = self._ids(f"{question}<|im_end|>\n<|im_start|>assistant\n")
-        input_ids = torch.tensor([context + query])
-        mm_types = (input_ids == cfg.video_token_id).int() * 2
-        positions, _ = self.model.model.get_rope_index(input_ids, mm_types, video_grid_thw=video_grid_thw,
-                                                       second_per_grid_ts=torch.tensor([second_per_grid_t]))
-        return dict(input_ids=input_ids, position_ids=positions, context_len=len(context), query_len=len(query),
-                    video_grid_thw=video_grid_thw)
+        return self.family.video_prompt(video_grid_thw, second_per_grid_t, question, step_times)
 
     def video_inputs(self, video_path: str, question: str, fps: Optional[float] = None,
                      max_frames: Optional[int] = None, timings: Optional[dict] = None) -> dict:
@@ -209,7 +173,7 @@ class SpavaEngine:
         frame-parallel vision tower, on this engine's device (the CPU inside a DataLoader worker).
         ``pixel_values_videos`` holds the rows of the steps ``video_steps``. With W > 1, frames that do not
         decode are reported in ``video_error`` rather than raised here, and every rank raises them together before
-        the vision all-gather (``video_features``). ``timings`` (optional) gets the seconds of each part.
+        the vision all-gather (``rank_pixels``). ``timings`` (optional) gets the seconds of each part.
         """
         from .integrations.qwen_vision import temporal_range
         from .video import VideoError, video_pixels
@@ -222,7 +186,7 @@ class SpavaEngine:
                              f"least {plan.temporal_patch_size * self.world} are needed for {self.world} ranks "
                              "(raise --fps or --max-frames, or use fewer processes)")
         metadata_done = time.perf_counter()
-        inputs = self.video_prompt(torch.tensor([plan.grid_thw]), plan.second_per_grid_t, question)
+        inputs = self.family.plan_prompt(plan, question)
         prompt_done = time.perf_counter()
         steps = temporal_range(plan.num_steps, self.rank, self.world)
         # CUDA cannot be used in a (forked) DataLoader worker: preprocess on the CPU there.
@@ -241,7 +205,7 @@ class SpavaEngine:
                     frames=len(plan.frame_indices))
 
     def text_inputs(self, context: str, question: str) -> dict:
-        """A text prompt: ``context`` (e.g. a long document) then the question and the assistant prefix."""
+        """A plain text prompt (no chat template): ``context`` (e.g. a long document) then ``question``."""
         _check_question(question)
         ctx = self._ids(context)
         query = self._ids(question)
@@ -249,25 +213,22 @@ class SpavaEngine:
         return dict(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], context_len=len(ctx),
                     query_len=len(query))
 
+    def chat_inputs(self, context: str, question: str, system: Optional[str] = None,
+                    answer_prefix: str = "") -> dict:
+        """A text prompt through the checkpoint's chat template (``ModelFamily.chat_inputs``): the context, then
+        the question, the template's assistant prefix and ``answer_prefix``."""
+        _check_question(question)
+        return self.family.chat_inputs(context, question, system, answer_prefix)
+
     # ---- prefill and decoding -------------------------------------------------------------------------------------
     def _shard(self, x: torch.Tensor, layout: ZigzagLayout, dim: int = 1) -> torch.Tensor:
         """This rank's tokens (all of them when simulating)."""
         return x if self.simulate_world else layout.shard(x, self.rank, dim)
 
-    def _local_embeddings(self, inputs: dict, layout: ZigzagLayout) -> torch.Tensor:
-        ids = inputs["input_ids"]
-        local_ids = self._shard(ids, layout).to(self.device)
-        embed = text_decoder(self.model).embed_tokens
-        embeds = embed(local_ids)
-        if "pixel_values_videos" in inputs:
-            from .integrations.qwen_vision import video_features
-
-            features = video_features(self.model.model.visual, inputs, self.group, self.device, self.dtype)
-            is_video = ids == self.model.config.video_token_id
-            order = self._shard(torch.cumsum(is_video, dim=1) - 1, layout).to(self.device)
-            local_video = self._shard(is_video, layout).to(self.device)
-            embeds[local_video] = features[order[local_video]].to(embeds.dtype)
-        return embeds
+    def _local_embeddings(self, inputs: dict, layout: ZigzagLayout):
+        """This rank's input embeddings and the decoder's extra arguments (``ModelFamily.local_embeddings``)."""
+        return self.family.local_embeddings(inputs, lambda x, dim=1: self._shard(x, layout, dim), self.group,
+                                            self.device, self.dtype)
 
     def _broadcast(self, token: int) -> int:
         if self.world == 1:
@@ -308,9 +269,10 @@ class SpavaEngine:
         keep_cache = gen.max_new_tokens > 1  # a one-token answer needs no KV cache
         group = self.mesh if self.mesh is not None else self.group
         with spava_session(layout, self.config, group, keep_cache, simulate=bool(self.simulate_world)) as session:
-            embeds = self._local_embeddings(inputs, layout)
+            embeds, extras = self._local_embeddings(inputs, layout)
             marks.append(self._mark())
-            hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False).last_hidden_state
+            hidden = decoder(inputs_embeds=embeds, position_ids=local_pos, use_cache=False,
+                             **extras).last_hidden_state
             marks.append(self._mark())
             first_logits = lm_head(hidden[:, -1]).float()[0]
             if isinstance(layout, MeshLayout):  # one rank holds the query's last token: it sends the logits

@@ -1,12 +1,12 @@
-"""The model of long-sequence fine-tuning: Qwen2.5-VL from a checkpoint or built at 3B/7B shape, and its memory
-options.
+"""The model of long-sequence fine-tuning: a video checkpoint of a supported family (``spava_ds.models``) or
+Qwen2.5-VL built at 3B/7B shape, and its memory options.
 
-* ``build_model``: a checkpoint (``from_pretrained``) or a random initialisation of the real architecture at a named
-  shape (``MODEL_SHAPES``: Qwen2.5-VL-3B/7B's published configs, and ``tiny`` for tests). Under ZeRO-3 both go
-  through transformers' DeepSpeed path (``HfDeepSpeedConfig``), so ``deepspeed.zero.Init`` partitions every module
-  as it is built and transformers initialises the weights module by module on the GPU: no rank ever holds the whole
-  7B model, and nothing loops over 7B parameters on the CPU. Without ZeRO-3 the model is built directly on the
-  target device.
+* ``build_model``: a checkpoint (``models.load_model``: the family from its config) or a random initialisation of
+  the real architecture at a named shape (``MODEL_SHAPES``: Qwen2.5-VL-3B/7B's published configs, and ``tiny`` for
+  tests). Under ZeRO-3 both go through transformers' DeepSpeed path (``HfDeepSpeedConfig``), so
+  ``deepspeed.zero.Init`` partitions every module as it is built and transformers initialises the weights module by
+  module on the GPU: no rank ever holds the whole 7B model, and nothing loops over 7B parameters on the CPU. Without
+  ZeRO-3 the model is built directly on the target device.
 * ``MemoryOptions`` / ``apply_memory_options``: the vision tower frozen (no gradient, no optimizer state, run under
   ``no_grad`` by ``VideoQAModel``), activation checkpointing of the decoder (and vision) layers with transformers'
   own switch, optionally holding the checkpoints in pinned CPU memory (``offload``: transformers wraps each layer's
@@ -96,7 +96,8 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 
 def build_model(source: str, dtype: torch.dtype, device: torch.device, attn_implementation,
                 ds_config: Optional[dict] = None):
-    """``(model, zero3_handle)``: a Qwen2.5-VL from a checkpoint directory or a ``MODEL_SHAPES`` name.
+    """``(model, zero3_handle)``: a video model from a checkpoint directory of a supported family
+    (``spava_ds.models``) or a Qwen2.5-VL of a ``MODEL_SHAPES`` name.
 
     With a ZeRO-3 ``ds_config`` the model is partitioned while it is built (see the module docstring); keep
     ``zero3_handle`` (transformers' ``HfDeepSpeedConfig``, or None) alive until ``deepspeed.initialize`` has run,
@@ -116,9 +117,12 @@ def build_model(source: str, dtype: torch.dtype, device: torch.device, attn_impl
             return AutoModelForImageTextToText.from_config(shape_config(source), **kwargs), handle
         with torch.device(device):  # built and initialised on the device: no CPU loop over the weights
             return AutoModelForImageTextToText.from_config(shape_config(source), **kwargs), handle
-    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-    if model.config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{source}: a {model.config.model_type!r} checkpoint; fine-tuning runs Qwen2.5-VL")
+    from . import models
+
+    model = models.load_model(source, dtype, attn_implementation)
+    if not models.family_of(model).has_vision:
+        raise ValueError(f"{source}: a {model.config.model_type!r} checkpoint has no vision tower; fine-tuning runs "
+                         "video models")
     return (model if zero3 else model.to(device)), handle
 
 
@@ -191,7 +195,10 @@ def apply_memory_options(model: torch.nn.Module, options: MemoryOptions) -> None
     """Freeze the vision tower, switch on checkpointing and tile the MLPs, as ``options`` says (before
     ``deepspeed.initialize``, which must then get only the parameters that require a gradient)."""
     if options.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        from .models import family_of
+
+        for module in family_of(model).vision_modules():
+            module.requires_grad_(False)
     if options.checkpoint_layers:
         enable_checkpointing(model, options.offload_checkpoints)
     if options.mlp_shards > 1:

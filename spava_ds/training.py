@@ -1,8 +1,9 @@
 """Reusable parts of sequence-parallel fine-tuning on videos (``launch/finetune.py`` and ``launch/bench_train.py``
 drive them).
 
-One training sample is the inference prompt of ``SpavaEngine.video_inputs`` followed by the answer and
-``<|im_end|>``: the context is ``[system, <vision_start>, video tokens, <vision_end>]``, the query is
+One training sample is the inference prompt of ``SpavaEngine.video_inputs`` followed by the answer and the chat
+template's end of turn (``<|im_end|>``; any family of ``spava_ds.models``): for Qwen2.5-VL the context is
+``[system, <vision_start>, video tokens, <vision_end>]``, the query is
 ``[question, <im_end>, assistant prefix, answer, <im_end>]``. The answer therefore lies in the query block, which
 ``ZigzagLayout`` replicates on every rank of the sequence-parallel (SP) group. ``synthetic_sample`` builds a sample
 of any token count directly as pixel tensors and token ids (measurements need no video file).
@@ -15,10 +16,10 @@ The step's layout and group sit on the attention modules themselves, not in a co
 checkpointing runs the attention again inside the backward, which on GPUs runs on autograd's own threads.
 
 Loss: mean cross-entropy over the answer tokens (and the closing ``<|im_end|>``). Each SP rank computes logits only
-where labels exist (in checkpointed pieces when they are many) and weighs every labelled token
-by ``ZigzagLayout.replicated_token_weights`` (``1/W`` in the query), so the *sum* of the ranks' losses is the sequence's mean loss,
-and the sum of their gradients is its gradient. ``frame_parallel_vision`` keeps to this: its backward sums the
-feature gradients over the ranks.
+where labels exist (in checkpointed pieces when they are many) and weighs every labelled token by
+``ZigzagLayout.replicated_token_weights`` (``1/W`` in the query), so the *sum* of the ranks' losses is the sequence's
+mean loss, and the sum of their gradients is its gradient. The frame-parallel vision towers keep to this: their
+all-gather's backward sums the feature gradients over the ranks.
 
 Gradient reduction: DeepSpeed 0.19.8 is *not* given ``sequence_parallel_size``. With it, ``engine.backward`` gave
 gradients that differ from the SP sum by 0-30% per tensor on the CPU (tests/test_finetune.py found it; the same
@@ -45,6 +46,7 @@ from .config import SpavaConfig
 from .integrations.transformers import spava_attention_forward, text_decoder
 from .layout import ZigzagLayout
 from .integrations.qwen_vision import temporal_range
+from .models import family_of
 from .step_timer import StepTimer
 from .train_model import MemoryOptions
 
@@ -72,7 +74,7 @@ def add_answer(engine, inputs: Dict, answer: str) -> Dict:
     ``i`` must predict, ``IGNORE_INDEX`` outside the answer."""
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError("empty answer: every record needs a non-empty \"answer\"")
-    answer_ids = engine._ids(answer.strip()) + engine._ids("<|im_end|>")
+    answer_ids = engine.family.answer_ids(answer.strip())  # the answer and the chat template's end of turn
     n = len(answer_ids)
     ids = torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
     # The answer continues the text positions after the prompt, as decoding does (engine.generate: max + 1, ...).
@@ -99,8 +101,12 @@ def synthetic_sample(model, tokens: int, grid_hw=(26, 46), question_len: int = 3
     ``answer_len`` tokens, and the model's own M-RoPE positions. The pixels are made on ``device`` in ``dtype`` (a
     long video's pixels are the largest input: 9.4 GB in bf16 at 1M tokens), and only those of the temporal steps
     that rank ``rank`` of ``world`` encodes (``video_steps``), as a sample read from a video file holds them. Each
-    step's pixels come from their own seed, so every world size sees the same video."""
+    step's pixels come from their own seed, so every world size sees the same video. Qwen2.5-VL only (the
+    ``MODEL_SHAPES`` of ``train_model`` and its checkpoints): the other families write text between frames."""
     cfg = model.config
+    if cfg.model_type != "qwen2_5_vl":
+        raise ValueError(f"synthetic samples are made for Qwen2.5-VL; this model is {cfg.model_type!r} (train it on "
+                         "records: --train)")
     vision = cfg.vision_config
     h, w = grid_hw
     merge = vision.spatial_merge_size
@@ -127,8 +133,7 @@ def synthetic_sample(model, tokens: int, grid_hw=(26, 46), question_len: int = 3
     row = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     pixels = torch.cat([torch.randn(h * w, row, generator=pixel_gen.manual_seed(seed * 1_000_003 + t), device=device,
                                     dtype=dtype) for t in range(first, stop)])
-    positions, _ = model.model.get_rope_index(ids, (ids == cfg.video_token_id).int() * 2, video_grid_thw=grid,
-                                              second_per_grid_ts=torch.tensor([1.0]))
+    positions = family_of(model).positions(ids, video_grid_thw=grid, second_per_grid_t=1.0)
     return dict(input_ids=ids, position_ids=positions, labels=_answer_labels(ids, answer_len),
                 context_len=tokens - question_len - answer_len, query_len=question_len + answer_len,
                 pixel_values_videos=pixels, video_grid_thw=grid, video_steps=(first, stop),
@@ -226,7 +231,8 @@ def training_attn_implementation() -> dict:
 
 # ---- the model ------------------------------------------------------------------------------------------------------
 class VideoQAModel(torch.nn.Module):
-    """A Qwen2.5-VL model whose forward returns this rank's share of the answer loss of one sharded sample.
+    """A video model of a supported family (``spava_ds.models``) whose forward returns this rank's share of the
+    answer loss of one sharded sample.
 
     DeepSpeed wraps this module: ``loss = engine(sample)``, then ``engine.backward(loss * W)`` (see ``train_step``).
     The SP group is set after ``deepspeed.initialize`` with ``set_group``; ``set_mode`` picks the attention
@@ -287,23 +293,18 @@ class VideoQAModel(torch.nn.Module):
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
 
-    def _embeddings(self, sample: Dict, layout: ZigzagLayout, device, dtype) -> torch.Tensor:
-        """This rank's input embeddings, video tokens replaced by the frame-parallel vision features."""
-        from .integrations.qwen_vision import video_features
+    def _embeddings(self, sample: Dict, layout: ZigzagLayout, device, dtype):
+        """This rank's input embeddings, visual tokens replaced by the frame-parallel vision features, and the
+        decoder's extra arguments (the model family's: ``spava_ds.models``). Each rank encodes ~1/W of the frames (a
+        sample read from a video holds only its own); the all-gather's backward sums the feature gradients. The
+        vision tower runs in the timer's "vision" phase, under ``no_grad`` when frozen."""
+        return family_of(self.model).local_embeddings(sample, lambda x, dim=1: layout.shard(x, self.rank, dim),
+                                                      self.group, device, dtype, vision_scope=self._vision_scope())
 
-        ids = sample["input_ids"]
-        embeds = text_decoder(self.model).embed_tokens(layout.shard(ids, self.rank).to(device))
-        frozen = torch.no_grad() if self.options.freeze_vision else contextlib.nullcontext()
-        with self._phase("vision"), frozen:
-            # Each rank encodes ~1/W of the temporal steps (a sample read from a video holds only its own frames);
-            # the all-gather's backward sums the feature gradients.
-            features = video_features(self.model.model.visual, sample, self.group, device, dtype)
-        is_video = ids == self.model.config.video_token_id
-        order = layout.shard(torch.cumsum(is_video, dim=1) - 1, self.rank).to(device)
-        local_video = layout.shard(is_video, self.rank).to(device)
-        embeds = embeds.clone()  # the embedding output is a leaf of nothing we may overwrite in place
-        embeds[local_video] = features[order[local_video]].to(embeds.dtype)
-        return embeds
+    @contextlib.contextmanager
+    def _vision_scope(self):
+        with self._phase("vision"), torch.no_grad() if self.options.freeze_vision else contextlib.nullcontext():
+            yield
 
     def forward(self, sample: Dict) -> torch.Tensor:
         param = next(self.model.parameters())
@@ -317,9 +318,9 @@ class VideoQAModel(torch.nn.Module):
         self._step.begin(layout, self.config, self.group, self._ulysses if self.mode == DEEPSPEED_ULYSSES else None,
                          self.timer)
         try:
-            embeds = self._embeddings(sample, layout, device, dtype)
-            hidden = text_decoder(self.model)(inputs_embeds=embeds, position_ids=local_pos,
-                                              use_cache=False).last_hidden_state[0]
+            embeds, extras = self._embeddings(sample, layout, device, dtype)
+            hidden = text_decoder(self.model)(inputs_embeds=embeds, position_ids=local_pos, use_cache=False,
+                                              **extras).last_hidden_state[0]
         finally:
             self._step.in_forward = False
         with self._phase("loss"):

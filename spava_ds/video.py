@@ -878,16 +878,17 @@ def preprocess_with_processor(frames, min_pixels: int = DEFAULT_MIN_PIXELS, max_
 
 # --------------------------------------------------------------------------------------------------- settings
 
-def load_video_settings(model_dir: str | os.PathLike) -> dict:
+def load_video_settings(model_dir: str | os.PathLike, defaults: dict | None = None) -> dict:
     """Video settings of a checkpoint directory: min_pixels, max_pixels, patch_size, temporal_patch_size,
     merge_size, fps, max_frames, image_mean, image_std.
 
     Read from `spava_ds.json` (the project's checkpoints), else `video_preprocessor_config.json`, else
-    `preprocessor_config.json` (Hugging Face checkpoints), over the Qwen2.5-VL defaults.
+    `preprocessor_config.json` (Hugging Face checkpoints), over `defaults` (a model family's, e.g.
+    `spava_ds.models.Qwen3VLFamily.default_video_settings`) over the Qwen2.5-VL defaults.
     """
     settings = {"min_pixels": DEFAULT_MIN_PIXELS, "max_pixels": DEFAULT_MAX_PIXELS, "patch_size": 14,
                 "temporal_patch_size": 2, "merge_size": 2, "fps": DEFAULT_FPS, "max_frames": DEFAULT_MAX_FRAMES,
-                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
+                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), **(defaults or {})}
     for name in ("spava_ds.json", "video_preprocessor_config.json", "preprocessor_config.json"):
         file = os.path.join(os.fspath(model_dir), name)
         if not os.path.isfile(file):

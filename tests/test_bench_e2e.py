@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_tiny_run_breakdown_skips_and_resume(tiny_run):
     assert at["spava_no_fp"]["status"] == "ok" and at["spava_no_fp"]["attempts"] == 2
     assert all(r["status"] == "skipped" for r in _entries(data, 4096).values()) and len(_entries(data, 4096)) == 10
     # The markdown tables come last.
-    tail = res.stdout[res.stdout.index("### Qwen2.5-VL-tiny"):]
+    tail = res.stdout[res.stdout.index("### tiny Qwen2.5-VL shape"):]
     assert "| context | frames | method |" in tail and "spava -overlap" in tail and "oom:" in tail
     assert "| ~4K | | all methods | | skipped: above --max-context 1000" in tail
     assert "Breakdown of one instrumented run" in tail and "all measurements done" in tail
@@ -163,8 +164,59 @@ def test_one_process_and_time_budget(tmp_path, capsys):
         torch.set_num_threads(threads)
 
 
-def test_frame_counts_follow_the_qwen_grid():
+@pytest.mark.timeout(120)
+def test_published_shapes_build_and_make_cases():
+    """Every GPU shape builds (meta device: no weights) with the published parameter count, and its case at 4K
+    tokens has the family's prompt and grid: Qwen's resize to multiples of 28 (32 for Qwen3-VL), InternVL's 448x448
+    tiles, the context within a step of the target, the query padded to a multiple of 2W."""
+    import torch
+
     bench = _load_script()
-    assert bench.tokens_per_step(640, 360, 4 * 28 * 28, 0) == (299, (644, 364))     # 23 x 13 merged tokens
-    assert bench.tokens_per_step(1280, 720, 4 * 28 * 28, 0) == (1196, (1288, 728))  # 46 x 26
+    import bench_engine
+
+    from spava_ds.models import family_class
+
+    args = SimpleNamespace(min_pixels=4 * 28 * 28, max_pixels=0)
+    expect = {"3b": (4.07, [644, 364], 299), "7b": (8.29, [644, 364], 299), "internvl3-2b": (2.09, [448, 448], 256),
+              "qwen3-vl-8b": (8.77, [640, 352], 220)}
+    for shape, (billions, size, features_per_step) in expect.items():
+        tokenizer = bench.shape_tokenizer(shape)
+        config = bench_engine.build_config(shape, tokenizer)
+        with torch.device("meta"):
+            model = family_class(config.model_type).model_class()._from_config(config, dtype=torch.bfloat16)
+        assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.01, shape
+        family = family_class(config.model_type)(model, tokenizer)
+        assert bench.plan_size(family, "360p", args) == size, shape
+        case = bench.make_case(model, tokenizer, shape, "360p", 4096, 2, args, torch.device("cpu"), torch.bfloat16)
+        total = case.context_len + case.query_len
+        features = int((case.ids == family.feature_token_id).sum())
+        assert total % 4 == 0 and 4096 - 2 * features_per_step < total <= 4096 + 4 + 30, (shape, total)
+        assert features == case.steps * features_per_step and case.positions.shape[-1] == total, shape
+        assert int(case.grid[0, 0]) == case.steps and case.pixels.shape[0] == (
+            case.steps if shape == "internvl3-2b" else int(case.grid.prod())), shape
     assert bench.parse_context("128K") == 131072 and bench.parse_context("16384") == 16384
+
+
+@pytest.mark.timeout(180)
+def test_share_of_one_rank_for_each_family(tmp_path, capsys):
+    """One process: dense, then one rank's share of W = 2 and 3 (the others stood in for by the fake process
+    group) for the tiny Qwen3-VL and InternVL3 models; the tables name the rank and W."""
+    import torch
+
+    bench = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "share.json"
+        assert bench.main(["--tiny", "--models", "tiny-qwen3-vl", "tiny-internvl", "--methods", "dense", "spava",
+                           "ring", "--share-of", "2", "3", "--iters", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())["results"]
+    for model in ("tiny-qwen3-vl", "tiny-internvl"):
+        rows = {r["method"]: r for r in results if r["model"] == model}
+        assert sorted(rows) == sorted(["dense", "spava@share2", "ring@share2", "spava@share3", "ring@share3"])
+        assert all(r["status"] == "ok" and r["ttft"] > 0 and r["lm"] > 0 and r["vision"] > 0 for r in rows.values())
+        assert rows["spava@share3"]["share_of"] == 3 and rows["spava@share3"]["share_rank"] == 1
+        assert rows["dense"]["context_tokens"] + rows["dense"]["query_tokens"] <= 320 + 2 + 30
+    printed = capsys.readouterr().out
+    assert "spava, rank 1 of 3 alone (no communication)" in printed and "### tiny InternVL3 shape" in printed

@@ -43,8 +43,22 @@ def test_niah_two_processes(tmp_path):
         assert by[(case, "dense")]["correct"], by[(case, "dense")]  # the trained model finds the needle
         assert by[(case, "ring")]["same_as_dense"] and by[(case, "ring")]["kl_first_token"] < 1e-6
         assert by[(case, "spava")]["kl_first_token"] > 1e-9  # an 8-token budget really approximates
-    table = _load_script().summarize([str(out)], str(tmp_path / "t.md"), None)
+    niah = _load_script()
+    table = niah.summarize([str(out)], str(tmp_path / "t.md"), None)
     assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
+    # The prompt now comes from SmolLM2's chat template: the same ids as the strings of the published results.
+    from spava_ds import SpavaConfig, comm
+    from spava_ds.engine import SpavaEngine
+
+    engine = SpavaEngine.from_pretrained(niah.smollm2_dir(str(tmp_path / "smollm2")), SpavaConfig(mode="dense"),
+                                         group=comm.SELF)
+    case = niah.make_case(engine.tokenizer, "multikey", 300, 0.5, random.Random(0))
+    ids = [engine.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (
+        "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
+        "Read the text and remember the special magic numbers in it.\n\n" + case.context,
+        f"\n\n{case.question}<|im_end|>\n<|im_start|>assistant\nThe special magic number for {case.key} is:")]
+    inputs = niah.prompt_inputs(engine, case)
+    assert inputs["input_ids"][0].tolist() == ids[0] + ids[1] and inputs["context_len"] == len(ids[0])
 
     # The same cases simulated in one process at W = 2 and 4 (one dense run shared): W = 2 equals the real run.
     # The budget given per layer (SmolLM2 has 30 layers), all 8: the same as the real run's single 8.

@@ -5,6 +5,7 @@
   parameter (vision tower included) that transformers' own model computes on one process with SDPA and its own
   label shifting and loss on the whole sequence;
 * a run resumed from a DeepSpeed checkpoint continues with the losses of an uninterrupted run;
+* Qwen3-VL and InternVL checkpoints train through the same launcher with a frozen vision tower;
 * the task generator: the mp4 files decode, the needles are where the annotations say (and nowhere else), the
   answers agree with what the decoded frames show, the splits are disjoint.
 """
@@ -174,6 +175,42 @@ def test_resume_continues_with_identical_losses(data, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
     final = summaries[0][2]
     assert final["steps"] == 4 and 0.0 <= final["eval"]["accuracy"] <= 1.0 and final["eval"]["loss"] > 0
+
+
+def test_finetune_trains_the_other_families_with_a_frozen_tower(data, tmp_path):
+    """launch/finetune.py on Qwen3-VL and InternVL checkpoints (the family from the config): 2 SP ranks, frozen vision,
+    checkpointed layers; finite losses, an evaluation, and an export that loads as the same family, whose vision
+    weights are the checkpoint's and whose language model has moved."""
+    import importlib.util
+
+    from spava_ds import models
+
+    out, train, test = data
+    spec = importlib.util.spec_from_file_location("make_tiny_model", os.path.join(ROOT, "launch", "make_tiny_model.py"))
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(dict(DS_CONFIG, sequence_parallel_size=2, spava={"mode": "ring"})))
+    runs = {}
+    vision = {"qwen3_vl": ("model.visual.",), "internvl": ("model.vision_tower.", "model.multi_modal_projector.")}
+    for family in vision:
+        source = make.write_family_checkpoint(str(tmp_path / family), family)
+        runs[family] = (source, str(tmp_path / f"run-{family}"))
+    summaries = run_distributed(_finetune, 2, [
+        ["--deepspeed_config", str(config), "--model", source, "--train", train, "--max_steps", "2", "--output", run,
+         "--eval", test, "--eval_limit", "1", "--eval_max_new_tokens", "2", "--freeze-vision", "--checkpoint-layers"]
+        for source, run in runs.values()])
+    for (family, (source, run)), summary in zip(runs.items(), summaries[0]):
+        losses = _losses(run)
+        assert sorted(losses) == [1, 2] and all(np.isfinite(v) and v > 0 for v in losses.values()), losses
+        assert summary["steps"] == 2 and summary["eval"]["loss"] > 0
+        model, tokenizer, _ = models.load(os.path.join(run, "model"), torch.device("cpu"))
+        assert model.config.model_type == family and tokenizer is not None
+        before = dict(models.load(source, torch.device("cpu"), tokenizer=False)[0].named_parameters())
+        after = dict(model.named_parameters())
+        frozen = [n for n in before if n.startswith(vision[family])]
+        assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), family
+        assert any(not torch.equal(before[n], after[n]) for n in before if "layers.0.self_attn" in n), family
 
 
 # ---- (c) the task generator ----------------------------------------------------------------------------------------

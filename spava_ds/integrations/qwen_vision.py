@@ -1,10 +1,13 @@
-"""The Qwen2.5-VL vision tower for long videos: frame parallelism and a fused variable-length attention.
+"""The Qwen vision towers (Qwen2.5-VL, Qwen3-VL) for long videos: frame parallelism and a fused variable-length
+attention.
 
 * ``frame_parallel_vision(visual, pixel_values_videos, video_grid_thw, group)``: each rank encodes a contiguous run of
-  about 1/W of the temporal grid steps (a step is ``temporal_patch_size`` = 2 frames), then the merged features are
-  all-gathered in order, so every rank holds the features of the whole video, equal to encoding on one device. This
-  works because the ViT never mixes temporal steps: full attention spans one step of one video, windows lie inside
-  a step, the rotary positions are (h, w) only, and the patch merger acts on 2x2 blocks of one step.
+  about 1/W of the temporal grid steps (a step is ``temporal_patch_size`` = 2 frames), then the merged features (and
+  Qwen3-VL's DeepStack features, ``frame_parallel_forward``) are all-gathered in order, so every rank holds the
+  features of the whole video, equal to encoding on one device. This works because the ViT never mixes temporal
+  steps: full attention spans one step of one video, windows lie inside a step, the rotary positions (and Qwen3-VL's
+  interpolated position embeddings) are (h, w) only, and the patch mergers act on 2x2 blocks of one step.
+  ``temporal_range`` is also the frame split of the other families (InternVL: a step is one frame).
 
 * ``enable_fused_vision_attention(model)``: transformers' vision attention, for any implementation other than
   flash-attn, calls SDPA once per window (thousands of 64-token calls for a long video). The installed forward makes
@@ -24,10 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..comm import all_gather_async, group_rank_size, reduce_scatter_async
+from ..comm import gather_rows, group_rank_size
 
 __all__ = [
-    "frame_parallel_vision", "video_features", "temporal_shares", "temporal_range", "encode_video",
+    "frame_parallel_vision", "frame_parallel_forward", "video_features", "rank_pixels",
+    "vision_fields", "temporal_shares", "temporal_range", "encode_video",
     "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
     "varlen_attention", "available_backends", "BACKENDS",
 ]
@@ -84,122 +88,124 @@ def _plan(grid_thw: Sequence[Sequence[int]], world_size: int, merge_unit: int,
     return slices
 
 
-def encode_video(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """The merged features ``[tokens, out_hidden]`` of ``visual(pixel_values, grid_thw)``, for any transformers.
+def vision_fields(out) -> List[torch.Tensor]:
+    """The per-token outputs of a Qwen vision tower's forward: the merged features, then Qwen3-VL's DeepStack features
+    (one per tapped layer), each ``[tokens, out_hidden]``.
 
-    transformers 4.x returns the merged features as a tensor; 5.x returns a ``BaseModelOutputWithPooling`` whose
-    ``pooler_output`` holds them (``last_hidden_state`` is the unmerged ViT output in window order).
+    transformers 4.x returned the merged features as a tensor; 5.x returns an output whose ``pooler_output`` holds them
+    (``last_hidden_state`` is the unmerged ViT output in window order) and, for Qwen3-VL, ``deepstack_features``.
     """
-    out = visual(pixel_values, grid_thw=grid_thw)
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     merged = getattr(out, "pooler_output", None)
     if merged is None:
         raise TypeError(f"cannot find the merged vision features in a {type(out).__name__} "
                         "(expected a tensor or an output with `pooler_output`)")
-    return merged
+    return [merged, *(getattr(out, "deepstack_features", None) or [])]
 
 
-class _GatherShares(torch.autograd.Function):
-    """All-gather of uneven row blocks (padded to the largest, trimmed after) with a reduce-scatter backward.
+def encode_video(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The merged features ``[tokens, out_hidden]`` of ``visual(pixel_values, grid_thw)`` on one device."""
+    return vision_fields(visual(pixel_values, grid_thw=grid_thw))[0]
 
-    The backward sums the gradient of this rank's rows over all ranks: under sequence parallelism every rank feeds a
-    different part of the gathered features to its part of the language model, and the total loss is the sum of
-    the ranks' losses, so each rank's features get gradient from every rank.
+
+def _with_fields(out, fields: Sequence[torch.Tensor]):
+    """``out`` (the tower's own output) carrying ``fields`` (as ``vision_fields`` lists them) instead of its own."""
+    if isinstance(out, torch.Tensor):
+        return fields[0]
+    out.pooler_output = fields[0]
+    if len(fields) > 1:
+        out.deepstack_features = list(fields[1:])
+    return out
+
+
+def frame_parallel_forward(forward, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group, config, **kwargs):
+    """``forward(pixel_values, grid_thw=grid_thw)`` of a Qwen vision tower (Qwen2.5-VL, Qwen3-VL) split over the ranks
+    of ``group`` by temporal steps; returns the tower's own output whose per-token fields (``vision_fields``: merged
+    and DeepStack features) hold the whole video on every rank, in one all-gather.
+
+    ``pixel_values`` is either every patch row or only this rank's (those of its ``temporal_range``); the row count
+    tells which (with W > 1 a rank's share is always smaller than the whole). ``config`` is the tower's config
+    (``spatial_merge_size``, ``temporal_patch_size``). Raises ``ValueError`` (on every rank, before any collective)
+    when there are fewer temporal steps than ranks or the rows do not fit the grid.
     """
+    rank, world = group_rank_size(group)
+    grid = [[int(v) for v in row] for row in grid_thw.tolist()]
+    if grid_thw.dim() != 2 or any(len(row) != 3 for row in grid):
+        raise ValueError(f"video_grid_thw must be [videos, 3], got shape {tuple(grid_thw.shape)}")
+    total_rows = sum(t * h * w for t, h, w in grid)
+    merge_unit = config.spatial_merge_size ** 2
+    slices = _plan(grid, world, merge_unit, config.temporal_patch_size)
+    mine = slices[rank]
+    own_rows = mine.rows[1] - mine.rows[0]
+    if pixel_values.shape[0] not in (total_rows, own_rows):
+        raise ValueError(f"pixel_values_videos has {pixel_values.shape[0]} rows but video_grid_thw "
+                         f"{grid} describes {total_rows} patches, of which rank {rank} of {world} encodes {own_rows}")
+    if world == 1:
+        return forward(pixel_values, grid_thw=grid_thw, **kwargs)
 
-    @staticmethod
-    def forward(ctx, x, counts, rank, group):
-        ctx.counts, ctx.rank, ctx.group = counts, rank, group
-        return _gather_rows(x, counts, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        counts, world = ctx.counts, len(ctx.counts)
-        padded = torch.stack([_pad_rows(g, max(counts)) for g in torch.split(grad, counts)])
-        summed = reduce_scatter_async(padded, ctx.group, world).wait()
-        return summed[:counts[ctx.rank]], None, None, None
-
-
-def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(x, (0, 0, 0, n - x.shape[0])) if x.shape[0] < n else x
-
-
-def _gather_rows(x: torch.Tensor, counts: List[int], group) -> torch.Tensor:
-    gathered = all_gather_async(_pad_rows(x, max(counts)), group, len(counts), async_op=False).wait()
-    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+    local_grid = torch.tensor(mine.grid_thw, dtype=grid_thw.dtype, device=grid_thw.device)
+    own = pixel_values if pixel_values.shape[0] == own_rows else pixel_values[mine.rows[0]:mine.rows[1]]
+    out = forward(own, grid_thw=local_grid, **kwargs)
+    fields = vision_fields(out)
+    counts = [s.tokens[1] - s.tokens[0] for s in slices]
+    if fields[0].shape[0] != counts[rank]:
+        raise RuntimeError(f"the vision tower returned {fields[0].shape[0]} rows for {counts[rank]} merged tokens")
+    # One all-gather for every field: they are side by side in the hidden dimension.
+    gathered = gather_rows(torch.cat(fields, dim=-1) if len(fields) > 1 else fields[0], counts, group)
+    return _with_fields(out, torch.split(gathered, [f.shape[-1] for f in fields], dim=-1))
 
 
 def frame_parallel_vision(visual, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
                           group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Encode the videos with the vision tower split over the ranks of ``group`` by temporal steps.
 
-    ``visual`` is the vision tower (``model.model.visual`` of ``Qwen2_5_VLForConditionalGeneration``) and
-    ``video_grid_thw`` ``[videos, 3]`` the grid of all videos, the same on every rank. ``pixel_values_videos`` is
-    either every patch row ``[patches, C*T*P*P]`` as the processor gives them (each rank then encodes its slice) or
-    only this rank's rows, those of its ``temporal_range`` (the video pipeline decodes no more); the row count tells
-    which (with W > 1 a rank's share is always smaller than the whole). Returns the merged features of all videos
+    ``visual`` is the vision tower (``model.model.visual`` of a Qwen2.5-VL or Qwen3-VL model) and ``video_grid_thw``
+    ``[videos, 3]`` the grid of all videos, the same on every rank; ``pixel_values_videos`` holds every patch row or
+    this rank's (see ``frame_parallel_forward``). Returns the merged features of all videos
     ``[patches / merge**2, out_hidden]`` on every rank, equal to ``visual(pixel_values_videos, video_grid_thw)`` on
-    one device. Differentiable: the gradient of this rank's features is summed over the ranks (``_GatherShares``).
-
-    Raises ``ValueError`` (on every rank, before any collective) when there are fewer temporal steps than ranks.
+    one device. Differentiable: the gradient of this rank's features is summed over the ranks
+    (``comm.gather_rows``).
     """
-    rank, world = group_rank_size(group)
-    grid = [[int(v) for v in row] for row in video_grid_thw.tolist()]
-    if video_grid_thw.dim() != 2 or any(len(row) != 3 for row in grid):
-        raise ValueError(f"video_grid_thw must be [videos, 3], got shape {tuple(video_grid_thw.shape)}")
-    total_rows = sum(t * h * w for t, h, w in grid)
-    config = visual.config
-    merge_unit = config.spatial_merge_size ** 2
-    slices = _plan(grid, world, merge_unit, config.temporal_patch_size)
-    mine = slices[rank]
-    own_rows = mine.rows[1] - mine.rows[0]
-    if pixel_values_videos.shape[0] not in (total_rows, own_rows):
-        raise ValueError(f"pixel_values_videos has {pixel_values_videos.shape[0]} rows but video_grid_thw "
-                         f"{grid} describes {total_rows} patches, of which rank {rank} of {world} encodes {own_rows}")
-    if world == 1:
-        return encode_video(visual, pixel_values_videos, video_grid_thw)
-
-    local_grid = torch.tensor(mine.grid_thw, dtype=video_grid_thw.dtype, device=video_grid_thw.device)
-    own = pixel_values_videos if pixel_values_videos.shape[0] == own_rows else \
-        pixel_values_videos[mine.rows[0]:mine.rows[1]]
-    features = encode_video(visual, own, local_grid)
-    counts = [s.tokens[1] - s.tokens[0] for s in slices]
-    if features.shape[0] != counts[rank]:
-        raise RuntimeError(f"the vision tower returned {features.shape[0]} rows for {counts[rank]} merged tokens")
-    if torch.is_grad_enabled() and features.requires_grad:
-        return _GatherShares.apply(features, counts, rank, group)
-    return _gather_rows(features, counts, group)
+    return vision_fields(frame_parallel_forward(visual, pixel_values_videos, video_grid_thw, group,
+                                                visual.config))[0]
 
 
-def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,
-                   device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The merged features of the video of ``inputs`` (``SpavaEngine.video_inputs``) on every rank of ``group``:
-    this rank encodes its ``temporal_range`` and the features are all-gathered (``frame_parallel_vision``).
+def rank_pixels(inputs: dict, group: Optional[dist.ProcessGroup] = None, device: Optional[torch.device] = None,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The pixel rows of ``inputs`` (``SpavaEngine.video_inputs``) this rank encodes: its ``temporal_range`` of
+    ``inputs["video_grid_thw"]``'s steps, or every row when the inputs hold the whole video.
 
     ``inputs["pixel_values_videos"]`` holds the rows of temporal steps ``inputs["video_steps"]`` (all of them when
     that key is absent). When those are not this rank's steps (inputs made for another world size, e.g. the dense
     check of a W-rank job), this rank's frames are decoded from ``inputs["video_plan"]``. A rank whose frames did
-    not decode (``inputs["video_error"]``, or a failure here) makes every rank raise ``VideoError`` before the
-    all-gather, so no rank waits for one that failed.
+    not decode (``inputs["video_error"]``, or a failure here) makes every rank raise ``VideoError`` (a collective),
+    so no rank waits for one that failed in the all-gather that follows.
     """
     from ..comm import raise_if_any_rank_failed
     from ..video import VideoError, video_pixels
 
     rank, world = group_rank_size(group)
-    grid = inputs["video_grid_thw"]
-    first, stop = temporal_range(int(grid[:, 0].sum()), rank, world)
-    held = tuple(inputs.get("video_steps") or (0, int(grid[:, 0].sum())))
+    steps = int(inputs["video_grid_thw"][:, 0].sum())
+    first, stop = temporal_range(steps, rank, world)
+    held = tuple(inputs.get("video_steps") or (0, steps))
     pixels, error = inputs["pixel_values_videos"], inputs.get("video_error")
-    if error is None and held not in ((first, stop), (0, int(grid[:, 0].sum()))):
+    if error is None and held not in ((first, stop), (0, steps)):
         try:
             pixels = video_pixels(inputs["video_plan"], first, stop, device)
         except VideoError as err:
             error = str(err)
     raise_if_any_rank_failed(error, group, VideoError)
-    pixels = pixels.to(device, dtype) if device is not None or dtype is not None else pixels
-    grid = grid.to(pixels.device)
-    return frame_parallel_vision(visual, pixels, grid, group) if world > 1 else encode_video(visual, pixels, grid)
+    return pixels.to(device, dtype) if device is not None or dtype is not None else pixels
+
+
+def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,
+                   device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The merged features of the video of ``inputs`` on every rank of ``group``: this rank encodes its
+    ``rank_pixels`` and the features are all-gathered (``frame_parallel_vision``). The model families
+    (``spava_ds.models``) do the same for every field, DeepStack's included."""
+    pixels = rank_pixels(inputs, group, device, dtype)
+    return frame_parallel_vision(visual, pixels, inputs["video_grid_thw"].to(pixels.device), group)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -359,7 +365,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def _fused_forward(module, state, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-    """``Qwen2_5_VLVisionAttention.forward`` with one attention call over all segments (same math as transformers)."""
+    """``Qwen2_5_VLVisionAttention.forward`` (and Qwen3-VL's, the same math) with one attention call over all
+    segments."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     seq_len = hidden_states.shape[0]
@@ -370,7 +377,7 @@ def _fused_forward(module, state, hidden_states, cu_seqlens, position_embeddings
     return module.proj(out.reshape(seq_len, -1))
 
 
-_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention",)
+_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
 
 
 class FusedVisionAttention:
@@ -396,14 +403,14 @@ class FusedVisionAttention:
 def _vision_attention_modules(model_or_visual) -> list:
     found = [m for m in model_or_visual.modules() if type(m).__name__ in _ATTENTION_CLASSES]
     if not found:
-        raise ValueError(f"no Qwen2.5-VL vision attention ({', '.join(_ATTENTION_CLASSES)}) found in "
+        raise ValueError(f"no Qwen vision attention ({', '.join(_ATTENTION_CLASSES)}) found in "
                          f"{type(model_or_visual).__name__}")
     return found
 
 
 def enable_fused_vision_attention(model_or_visual, backend: str = "auto",
                                   block_size: int = 128) -> FusedVisionAttention:
-    """Make every Qwen2.5-VL vision attention module of ``model_or_visual`` run one varlen call per layer.
+    """Make every Qwen2.5-VL / Qwen3-VL vision attention module of ``model_or_visual`` run one varlen call per layer.
 
     ``backend``: "auto" (CUDA: flash-attn varlen if it imports, else torch's varlen_attn in half precision, else
     compiled flex_attention; CPU: the per-segment SDPA loop), or one of ``BACKENDS``. ``block_size`` is the flex

@@ -15,7 +15,12 @@ on the version of transformers' cache classes:
   layer attends it to this rank's cache share and the partials merge by LSE across ranks: exact attention over the
   distributed cache. Rank 0 appends the new token's keys/values to its share.
 
-Call the model with ``use_cache=False``: the session is the cache.
+Call the model with ``use_cache=False`` inside ``spava_session``: the session is the cache.
+
+``SpavaCache`` is the same session as a transformers ``Cache``, for ``model.generate()``: its layers show this
+rank's share, and it counts the tokens of the whole sequence (every rank's), which is what transformers' position
+computations need. ``spava_ds.models.spava_cache(model)`` makes one and installs the hooks that shard the prompt
+(see ``spava_ds/models/generate.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import comm, kernels
 from ..config import SpavaConfig
@@ -99,6 +105,108 @@ class SpavaSession:
                 self.cache[layer] = (ck, cv)
             out, lse = kernels.attend(q, ck, cv, backend=self.config.backend, scale=scale)
             return comm.merge_partials(out, lse, self.merge_group, self.world, q.dtype, async_op=False).wait()[0]
+
+
+class SpavaCacheLayer(DynamicLayer):
+    """One layer of a ``SpavaCache``: ``keys``/``values`` ``[b, Hkv, n, d]`` are this rank's share (views of the
+    session's cache, set after every forward); the sequence length it reports is the whole sequence's."""
+
+    is_croppable = False
+
+    def __init__(self, cache: "SpavaCache"):
+        super().__init__()
+        self._cache = cache
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # The attention function keeps the share (SpavaSession): it needs this forward's own keys and values.
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self._cache.seen_tokens
+
+    def get_mask_sizes(self, query_length: int):
+        return self._cache.seen_tokens + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a SpavaCache cannot be cropped (assisted decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a SpavaCache holds one sequence (no beam search, one sequence per prompt)")
+
+    batch_select_indices = reorder_cache = batch_repeat_interleave
+
+
+class SpavaCache(Cache):
+    """This rank's share of one sequence's keys and values, as a transformers ``Cache`` (``model.generate()``).
+
+    The first forward that gets it is the prefill of the whole prompt (the hooks of ``spava_ds.models.generate``
+    shard it into this rank's tokens; the layout is built then, from ``context_len``); every later forward decodes
+    one token. ``seen_tokens`` counts the whole sequence so far, so positions computed from ``get_seq_length()``
+    are global. Make one with ``spava_ds.models.spava_cache(model)``.
+    """
+
+    def __init__(self, num_layers: int, config: Optional[SpavaConfig] = None,
+                 group: Optional[dist.ProcessGroup] = None, context_len: Optional[int] = None, family=None):
+        super().__init__(layers=[SpavaCacheLayer(self) for _ in range(num_layers)])
+        self.family = family  # the model's adapter (spava_ds.models), for the hooks that run generate()
+        self.config = config if config is not None else SpavaConfig()
+        self.config.check_num_layers(num_layers)
+        if self.config.ulysses_degree > 1:
+            raise ValueError("SpavaCache (model.generate()) runs the flat layout: the two-dimensional mode "
+                             f"(ulysses_degree={self.config.ulysses_degree}) runs through spava_ds.SpavaEngine")
+        self.group = group
+        self.rank, self.world = comm.group_rank_size(group)
+        self.context_len = context_len
+        self.session: Optional[SpavaSession] = None
+        self.seen_tokens = 0  # every rank's tokens so far: the next token's position
+        self._forward_tokens = 0
+        self._active = None
+        self.scope = contextlib.ExitStack()  # what one forward opened (e.g. a frame-parallel vision tower)
+
+    @property
+    def layout(self) -> Optional[ZigzagLayout]:
+        return None if self.session is None else self.session.layout
+
+    @property
+    def prefilling(self) -> bool:
+        return self._active is not None and not self.session.decoding
+
+    def begin(self, tokens: int, context_len: Optional[int] = None) -> None:
+        """Start a forward of ``tokens`` tokens: the prefill of the whole prompt (its layout from the cache's
+        ``context_len``, else ``context_len`` here, e.g. where the video ends), or one decoding step."""
+        if self.session is None:
+            context = self.context_len if self.context_len is not None else context_len
+            if context is None:
+                raise ValueError("SpavaCache: the prefill needs the number of prompt tokens before the question: "
+                                 "spava_cache(model, context_len=N)")
+            if not 0 < context < tokens:
+                raise ValueError(f"SpavaCache: context_len {context} must leave a question in a prompt of "
+                                 f"{tokens} tokens")
+            self.session = SpavaSession(ZigzagLayout(context, tokens - context, self.world, self.config),
+                                        self.config, self.group)
+        elif tokens != 1:
+            raise ValueError(f"SpavaCache: after the prefill every forward decodes one token, got {tokens}")
+        elif not self.session.decoding:
+            self.session.decode()
+        self._forward_tokens = tokens
+        self._active = _SESSION.set(self.session)
+
+    def end(self) -> None:
+        """End the forward: close what it opened, count its tokens, show this rank's share in the layers."""
+        if self._active is None:
+            return
+        self.scope.close()
+        _SESSION.reset(self._active)
+        self._active = None
+        self.session.graphs.close()  # the prefill's CUDA graphs (if any): decoding does not use them
+        if len(self.session.cache) == len(self.layers):  # else the forward failed: the cache is unusable anyway
+            self.seen_tokens += self._forward_tokens
+            for idx, layer in enumerate(self.layers):
+                k, v = self.session.cache[idx]
+                layer.keys, layer.values, layer.is_initialized = k.transpose(1, 2), v.transpose(1, 2), True
 
 
 @contextlib.contextmanager
