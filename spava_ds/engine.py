@@ -156,6 +156,16 @@ class SpavaEngine:
             raise ValueError("this checkpoint has no vision tower: it cannot answer questions about a video")
         return self.family.plan(video_path, self.settings, fps, max_frames)
 
+    def check_video(self, video_path: str, fps: Optional[float] = None, max_frames: Optional[int] = None):
+        """``video_plan``, and a ValueError unless the video gives every rank of this engine a temporal step (its
+        frame-parallel share): what ``video_inputs`` needs of a video, from the container's metadata alone."""
+        plan = self.video_plan(video_path, fps, max_frames)
+        if plan.num_steps < self.world:
+            raise ValueError(f"video {video_path!r} gives {len(plan.frame_indices)} frames after sampling: at "
+                             f"least {plan.temporal_patch_size * self.world} are needed for {self.world} ranks "
+                             "(raise --fps or --max-frames, or use fewer processes)")
+        return plan
+
     def video_prompt(self, video_grid_thw: torch.Tensor, second_per_grid_t: float, question: str,
                      step_times: Optional[List[float]] = None) -> dict:
         """The prompt of one video and a question (the checkpoint's chat template, the family's expansion of the
@@ -168,7 +178,7 @@ class SpavaEngine:
                      max_frames: Optional[int] = None, timings: Optional[dict] = None) -> dict:
         """The prompt, positions and this rank's patches of a video question.
 
-        Every rank plans the video from the container's metadata (``video_plan``: the prompt and the positions
+        Every rank plans the video from the container's metadata (``check_video``: the prompt and the positions
         need nothing else), then decodes and preprocesses only the frames of its ``temporal_range`` for the
         frame-parallel vision tower, on this engine's device (the CPU inside a DataLoader worker).
         ``pixel_values_videos`` holds the rows of the steps ``video_steps``. With W > 1, frames that do not
@@ -180,11 +190,7 @@ class SpavaEngine:
 
         _check_question(question)
         clock = time.perf_counter()
-        plan = self.video_plan(video_path, fps, max_frames)
-        if plan.num_steps < self.world:
-            raise ValueError(f"video {video_path!r} gives {len(plan.frame_indices)} frames after sampling: at "
-                             f"least {plan.temporal_patch_size * self.world} are needed for {self.world} ranks "
-                             "(raise --fps or --max-frames, or use fewer processes)")
+        plan = self.check_video(video_path, fps, max_frames)
         metadata_done = time.perf_counter()
         inputs = self.family.plan_prompt(plan, question)
         prompt_done = time.perf_counter()

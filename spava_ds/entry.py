@@ -40,7 +40,7 @@ from . import comm
 HEALTH_WAIT_S = 5.0
 
 _state = types.SimpleNamespace(rank=int(os.environ.get("RANK", "0")), health=None, signal=None, graceful=False,
-                               deferring=False)
+                               deferring=False, in_flight="the record in flight")
 
 
 class PeerFailure(RuntimeError):
@@ -65,14 +65,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(now {comm.DEFAULT_TIMEOUT.total_seconds():g})")
 
 
-def init_distributed(args: argparse.Namespace, backend: Optional[str] = None):
-    """Join the job that torchrun or the deepspeed launcher started (a plain process is rank 0 of 1), with
-    ``args.timeout``; returns (rank, world size)."""
+def collective_timeout(args: argparse.Namespace) -> datetime.timedelta:
+    """How long a collective waits for a stuck or lost rank: ``--timeout``, else ``comm.DEFAULT_TIMEOUT`` (give it to
+    the process groups an entry point makes itself, whose default would be torch's own 10-30 minutes)."""
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not 0 < timeout < math.inf:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {timeout}")
-    rank, world = comm.init_distributed(backend, datetime.timedelta(seconds=timeout) if timeout
-                                        else comm.DEFAULT_TIMEOUT)
+    return datetime.timedelta(seconds=timeout) if timeout else comm.DEFAULT_TIMEOUT
+
+
+def init_distributed(args: argparse.Namespace, backend: Optional[str] = None):
+    """Join the job that torchrun or the deepspeed launcher started (a plain process is rank 0 of 1), with
+    ``args.timeout``; returns (rank, world size)."""
+    rank, world = comm.init_distributed(backend, collective_timeout(args))
     _state.rank = rank
     if world > 1:
         _state.health = comm.RankHealth.connect(rank, world)
@@ -125,12 +130,18 @@ def stop_agreed() -> Optional[int]:
     return signals[0] if signals else None
 
 
+def received_signal() -> Optional[int]:
+    """The stop signal this rank received, or None; no collective (for a loop that folds it into a reduction of its
+    own, as ``stop_agreed`` does with a gather)."""
+    return _state.signal
+
+
 def _on_signal(signum, frame) -> None:
     first = _state.signal is None
     _state.signal = signum
     if first and (_state.graceful or _state.deferring):
         if _state.graceful:  # os.write: print may be in the middle of a write to the same stream
-            os.write(2, f"[rank {_state.rank}] {signal.Signals(signum).name}: stopping after the record in flight "
+            os.write(2, f"[rank {_state.rank}] {signal.Signals(signum).name}: stopping after {_state.in_flight} "
                         "(send it again to stop at once)\n".encode())
         return
     raise Stopped(signum)
@@ -138,13 +149,14 @@ def _on_signal(signum, frame) -> None:
 
 # ---- the end of an entry point ----------------------------------------------------------------------------------------
 def run_main(fn: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace,
-             graceful_stop: bool = False) -> int:
+             graceful_stop: bool = False, in_flight: str = "the record in flight") -> int:
     """Call ``fn(args)`` and end as every entry point should; returns the exit code.
 
-    ``graceful_stop``: the first SIGTERM/SIGINT only sets the flag that ``stop_agreed`` reads (``fn`` polls it between
-    records), the second stops at once. Otherwise the first stops at once.
+    ``graceful_stop``: the first SIGTERM/SIGINT only sets the flag that ``stop_agreed`` (or ``received_signal``) reads
+    (``fn`` polls it between records; ``in_flight`` names what it finishes first in the message), the second stops at
+    once. Otherwise the first stops at once.
     """
-    _state.graceful = graceful_stop
+    _state.graceful, _state.in_flight = graceful_stop, in_flight
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = fn(args)

@@ -371,9 +371,10 @@ def train_step(engine, sample: Dict, sp_size: int, timer: Optional[StepTimer] = 
     return share.detach()
 
 
-def sp_group(sp_size: int):
+def sp_group(sp_size: int, timeout=None):
     """This rank's sequence-parallel group: blocks of ``sp_size`` consecutive ranks (every rank builds them all, as
-    ``new_group`` requires). ``comm.SELF`` when ``sp_size`` is 1."""
+    ``new_group`` requires). ``comm.SELF`` when ``sp_size`` is 1. ``timeout`` (a timedelta): how long its collectives
+    wait for a stuck rank (default: torch's, 10-30 minutes; entry points pass ``entry.collective_timeout``)."""
     if sp_size == 1:
         return comm.SELF
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -381,7 +382,7 @@ def sp_group(sp_size: int):
         raise ValueError(f"sequence parallel size {sp_size} does not divide the {world} processes")
     mine = None
     for start in range(0, world, sp_size):
-        group = dist.new_group(list(range(start, start + sp_size)))
+        group = dist.new_group(list(range(start, start + sp_size)), timeout=timeout)
         if start <= rank < start + sp_size:
             mine = group
     return mine

@@ -143,7 +143,7 @@ def _finetune(rank, world, argv_runs):
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return [finetune.main(argv) for argv in argv_runs]
+    return [finetune.train(finetune.parse_args(argv)) for argv in argv_runs]
 
 
 def _losses(run_dir):
@@ -279,7 +279,7 @@ def _finetune_gpu(rank, world, argv_runs):
     import finetune
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    return [finetune.main(argv) for argv in argv_runs]
+    return [finetune.train(finetune.parse_args(argv)) for argv in argv_runs]
 
 
 @pytest.mark.gpu

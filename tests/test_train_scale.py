@@ -222,7 +222,7 @@ def _finetune(rank, world, argv):
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return finetune.main(argv)
+    return finetune.train(finetune.parse_args(argv))
 
 
 def test_finetune_trains_a_model_shape_on_synthetic_samples_with_every_memory_flag(tmp_path):
