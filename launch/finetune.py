@@ -413,11 +413,11 @@ def plan_run(args, rank: int, world: int) -> Run:
     rank, before any collective."""
     from spava_ds.video import load_video_settings
 
+    runs.check_output(args.output, args.resume, args.overwrite)  # first: the check that protects earlier work
     train = records.read_records(args.train) if args.train else None
     held_out = records.read_records(args.eval, args.eval_limit) if args.eval else None
     # bad records count here: they stop the run before step 1 (check_data), and the step count must not hide them
     ds, spava_config, sp, dp, gas, total_steps, micro_per_epoch = _ds_config(args, world, train.count if train else 0)
-    runs.check_output(args.output, args.resume, args.overwrite)
     settings = load_video_settings(args.model) if args.model else {}
     settings.update({k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None})
     run = Run(args, rank, world, ds, spava_config, sp, dp, gas, total_steps, micro_per_epoch, train, held_out,

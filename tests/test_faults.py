@@ -1,4 +1,5 @@
-"""Fault injection on ``spava-infer --batch`` (torchrun, 2 gloo processes, the tiny checkpoint, a 12-frame video):
+"""Fault injection on ``spava-infer --batch`` and ``launch/finetune.py`` (torchrun, 2 gloo processes, the tiny
+checkpoint). Batch inference, on a 12-frame video:
 
 * an uninterrupted run of a batch with bad records mid-batch (malformed JSON, a missing video, ``"video": 5``, no
   question, a non-string question, a non-object) answers every good record and writes one error record per bad one;
@@ -7,6 +8,16 @@
 * SIGTERM to torchrun mid-batch: every rank stops after the same record, the output is complete, the job ends
   well before torchrun's 30 s SIGKILL;
 * a stuck rank (SIGSTOP) with ``--timeout 5``: rank 0 gives up after the timeout and names rank 1.
+
+Fine-tuning (2 sequence-parallel ranks, 4 tiny videos, 30 optimizer steps):
+
+* one run, interrupted again and again: kill -9 of rank 1 (rank 0 names it), ``--resume``, SIGTERM to torchrun
+  (every rank stops after the same step and saves a complete checkpoint; timed checkpoints before it), the same
+  command without ``--resume`` (refused, naming what the folder holds), the newest checkpoint damaged, ``--resume``
+  (passes over it, says so): the losses of every step equal the uninterrupted run's, and metrics.jsonl holds each
+  step once;
+* bad records mid-dataset are all reported with file:line before step 1, and ``--overwrite`` then leaves the old run
+  untouched; a nonexistent ``--model`` fails at once; the run folder's pieces (``spava_ds.runs``) on their own.
 
 Each case is bounded by a timeout; the runs are kept small (about 15 s each here). The CPU cases hide the GPUs (gloo
 everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
@@ -241,3 +252,149 @@ def test_faults_with_nccl(tmp_path):
     _run(batch, output, "--resume", *fp32, gpu=True, timeout=300)
     assert _records(output)[:len(first)] == first
     assert _answers(_records(output)) == _answers(_records(reference))
+
+
+# ---- fine-tuning (launch/finetune.py) -------------------------------------------------------------------------------
+STEPS = 30  # ~0.1 s each here: long enough for a fault to land mid-run
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    from spava_ds.tasks import generate_split
+
+    return generate_split(str(tmp_path_factory.mktemp("finetune")), "train", 4, frames=8, width=64, height=64)
+
+
+def _finetune_command(train, output, *extra, nproc=2):
+    from spava_ds.assets import tiny_model_dir
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*(launcher if nproc > 1 else [sys.executable]), os.path.join(ROOT, "launch", "finetune.py"),
+            "--deepspeed-config", os.path.join(ROOT, "configs", "finetune_cpu_sp2.json"), "--model",
+            tiny_model_dir(), "--train", str(train), "--output", str(output), "--max-steps", str(STEPS),
+            "--no-export", *extra]
+
+
+def _finetune(train, output, *extra, nproc=2):
+    return subprocess.run(_finetune_command(train, output, *extra, nproc=nproc), capture_output=True, text=True,
+                          timeout=150, env=_env(False))
+
+
+def _steps(run_dir):
+    """step -> loss of metrics.jsonl's step lines; every line complete, each step once."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n"), "the last line is incomplete"
+    steps = [json.loads(line) for line in text.splitlines()]
+    numbers = [e["step"] for e in steps if "loss" in e]
+    assert numbers == sorted(set(numbers)), f"steps repeated or out of order: {numbers}"
+    return {e["step"]: e["loss"] for e in steps if "loss" in e}
+
+
+def _start_finetune(train, output, first_step: int, *extra):
+    """Start a fine-tuning job; return it once metrics.jsonl has a line of step ``first_step`` or later."""
+    proc = subprocess.Popen(_finetune_command(train, output, *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(False))
+    metrics, deadline = output / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and f'"step": {first_step},' in metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run did not reach the step"
+        time.sleep(0.01)
+    return proc
+
+
+def _complete_steps(run_dir):
+    """The steps of the checkpoints marked complete, newest first."""
+    from spava_ds import runs
+
+    return [int(tag[4:]) for tag in runs.complete_tags(str(run_dir / "checkpoints"))]
+
+
+@pytest.mark.timeout(400)
+def test_finetune_survives_kill_sigterm_and_a_damaged_checkpoint(train_data, tmp_path):
+    reference = tmp_path / "reference"
+    res = _finetune(train_data, reference)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = _steps(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1)) and len({round(v, 5) for v in expected.values()}) > 20
+
+    # kill -9 of rank 1 mid-run: rank 0 names it; the checkpoints of --save-every 5 stay
+    run = tmp_path / "run"
+    proc = _start_finetune(train_data, run, 8, "--save-every", "5")
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and "[rank 0] error: rank 1 did not answer" in stderr, stderr[-3000:]
+    killed_at = max(_steps(run))
+    assert killed_at < STEPS and _complete_steps(run)[0] % 5 == 0
+
+    # --resume, timed checkpoints (every step), SIGTERM to torchrun: every rank stops after the same step and saves it
+    proc = _start_finetune(train_data, run, killed_at + 6, "--resume", "--save-every-minutes", "0.0001")
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=90)
+    assert time.monotonic() - signalled < 25, "the ranks did not stop before torchrun's SIGKILL"
+    for rank in (0, 1):
+        assert f"[rank {rank}] SIGTERM: stopping after the optimizer step in flight" in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "error:" not in stderr, stderr[-3000:]
+    stopped_at = max(_steps(run))
+    assert stopped_at < STEPS and _complete_steps(run) == [stopped_at, stopped_at - 1]  # --keep-checkpoints 2
+
+    # the same command without --resume: refused, the run untouched
+    res = _finetune(train_data, run, nproc=1)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"already holds a run (2 checkpoint(s), 2 complete, the newest complete step{stopped_at}; metrics.jsonl " \
+           f"of {stopped_at} line(s)): pass --resume to continue it or --overwrite to replace it" in res.stderr
+    assert max(_steps(run)) == stopped_at
+
+    # the newest checkpoint damaged: --resume passes over it to the one before and says so
+    model_states = run / "checkpoints" / f"step{stopped_at}" / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    res = _finetune(train_data, run, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"--resume: step{stopped_at} cannot be resumed from (mp_rank_00_model_states.pt has 1000 bytes" \
+           in res.stderr, res.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step{stopped_at - 1}'} at step {stopped_at - 1}" in res.stderr
+    resumed = _steps(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), (step, expected, resumed)
+
+
+@pytest.mark.timeout(200)
+def test_finetune_reports_every_bad_record_before_step_1(train_data, tmp_path):
+    from spava_ds.video import write_synthetic_video
+
+    lines = open(train_data).read().splitlines()
+    good = json.loads(lines[0])
+    short = write_synthetic_video(str(tmp_path / "short.mp4"), num_frames=2, width=64, height=64, fps=2)
+    bad = {2: '{"video": "train/00001.mp4", "question": ', 4: json.dumps(dict(good, video="train/missing.mp4")),
+           5: json.dumps(dict(good, answer="")), 7: json.dumps(dict(good, video=short))}
+    for line, text in sorted(bad.items()):
+        lines.insert(line - 1, text)
+    data = os.path.join(os.path.dirname(train_data), "bad.jsonl")
+    with open(data, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    (old_run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    res = _finetune(data, old_run, "--overwrite")
+    assert res.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: 4 bad record(s), nothing was trained: {data}:2: malformed JSON" in res.stderr
+    for line, reason in ((2, "malformed JSON"), (4, "video file not found"), (5, '"answer" is empty'),
+                         (7, f"video {short!r} gives 2 frames after sampling: at least 4 are needed for 2 ranks")):
+        assert f"{data}:{line}: {reason}" in res.stderr, res.stderr[-3000:]
+    assert "step 1 |" not in res.stderr
+    assert os.listdir(old_run) == ["metrics.jsonl"] and "loss" in (old_run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_finetune_refuses_a_missing_model_at_once(train_data, tmp_path):
+    command = _finetune_command(train_data, tmp_path / "run", nproc=1)
+    command[command.index("--model") + 1] = str(tmp_path / "no-such-model")
+    start = time.monotonic()
+    res = subprocess.run(command, capture_output=True, text=True, timeout=50, env=_env(False))
+    assert res.returncode == 1 and time.monotonic() - start < 30
+    assert res.stderr.strip().splitlines()[-1] == (f"[rank 0] error: --model {str(tmp_path / 'no-such-model')!r}: "
+                                                   "no such folder (give a local Hugging Face checkpoint folder; "
+                                                   "nothing is downloaded)"), res.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
