@@ -398,3 +398,56 @@ def test_finetune_refuses_a_missing_model_at_once(train_data, tmp_path):
                                                    "no such folder (give a local Hugging Face checkpoint folder; "
                                                    "nothing is downloaded)"), res.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_folder_pieces(tmp_path):
+    """``spava_ds.runs`` alone: which folders a run may use, which checkpoints count, how metrics.jsonl is cut."""
+    from spava_ds import runs
+
+    folder = str(tmp_path / "run")
+    runs.check_output(folder, resume=False, overwrite=False)  # new, or empty: a fresh run may use it
+    os.makedirs(folder)
+    runs.check_output(folder, resume=False, overwrite=False)
+    with pytest.raises(ValueError, match="--resume: no complete checkpoint in .*nothing there"):
+        runs.check_output(folder, resume=True, overwrite=False)
+    with pytest.raises(ValueError, match="pass one of them"):
+        runs.check_output(folder, resume=True, overwrite=True)
+
+    metrics = runs.MetricsFile(folder)
+    for step in range(1, 6):
+        metrics.write({"step": step, "loss": 1.0 / step})
+        assert open(metrics.path).read().count("\n") == step  # in the file when write returns
+    metrics.close()
+    with open(metrics.path, "a") as f:
+        f.write('{"step": 6, "lo')  # a line cut short by a kill
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl of 6 line\(s\)\): pass --resume"):
+        runs.check_output(folder, resume=False, overwrite=False)
+    runs.check_output(folder, resume=False, overwrite=True)
+    assert runs.cut_metrics(folder, 3) == 3  # steps 4, 5 and the torn line
+    assert [json.loads(line)["step"] for line in open(metrics.path)] == [1, 2, 3]
+
+    ckpt_dir = os.path.join(folder, runs.CHECKPOINTS)
+    for step in (2, 4, 6, 8):
+        os.makedirs(os.path.join(ckpt_dir, runs.tag_of(step), "sub"))
+        for name in ("a.pt", "sub/b.pt"):
+            with open(os.path.join(ckpt_dir, runs.tag_of(step), name), "wb") as f:
+                f.write(bytes(10 * step))
+        if step < 8:  # step 8: a save cut short
+            runs.mark_complete(ckpt_dir, runs.tag_of(step), step=step)
+    assert runs.checkpoint_tags(ckpt_dir) == ["step8", "step6", "step4", "step2"]
+    assert runs.complete_tags(ckpt_dir) == ["step6", "step4", "step2"]
+    assert runs.checkpoint_problem(ckpt_dir, "step6") is None
+    assert "a save that did not finish" in runs.checkpoint_problem(ckpt_dir, "step8")
+    os.remove(os.path.join(ckpt_dir, "step6", "sub", "b.pt"))
+    assert runs.checkpoint_problem(ckpt_dir, "step6") == "sub/b.pt is missing"
+    with open(os.path.join(ckpt_dir, "step4", "a.pt"), "ab") as f:
+        f.write(b"x")
+    assert runs.checkpoint_problem(ckpt_dir, "step4") == "a.pt has 41 bytes, 40 when saved"
+    assert runs.set_aside(ckpt_dir, "step6").startswith("step6.damaged-")
+    assert runs.prune(ckpt_dir, keep=1) == ["step2"] and runs.complete_tags(ckpt_dir) == ["step4"]
+    runs.check_output(folder, resume=True, overwrite=False)  # one complete checkpoint: resumable
+    with pytest.raises(ValueError, match="holds files but no run"):
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "notes.txt").write_text("mine")
+        runs.check_output(str(other), resume=False, overwrite=True)
