@@ -27,10 +27,10 @@ if [ -z "$INIT" ]; then
     INIT=$OUT/init
     $PY launch/make_tiny_model.py --preset small --out "$INIT"
 fi
-common=(--deepspeed_config "$CONFIG" --train "$OUT/data/train.jsonl" --num_workers 3)
+common=(--deepspeed-config "$CONFIG" --train "$OUT/data/train.jsonl" --num-workers 3)
 echo "[$(date +%T)] probe: 40 steps on $GPUS GPU(s)"
 $PY -m deepspeed.launcher.runner --num_gpus "$GPUS" launch/finetune.py "${common[@]}" --model "$INIT" \
-    --output "$OUT/probe" --max_steps 40 --no_export
+    --output "$OUT/probe" --max-steps 40 --no-export --overwrite  # a throwaway measurement
 STEPS=$($PY - "$OUT/probe/metrics.jsonl" "$MINUTES" <<'PYEOF'
 import json, sys
 times = [e["time"] for e in map(json.loads, open(sys.argv[1])) if "time" in e][10:]
@@ -40,7 +40,7 @@ PYEOF
 )
 echo "[$(date +%T)] training $STEPS steps (about $MINUTES minutes)"
 $PY -m deepspeed.launcher.runner --num_gpus "$GPUS" launch/finetune.py "${common[@]}" --model "$INIT" \
-    --output "$OUT/run" --max_steps "$STEPS" --max_minutes "$($PY -c "print($MINUTES * 1.15)")" \
-    --eval "$OUT/data/test.jsonl" --eval_every $(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
+    --output "$OUT/run" --max-steps "$STEPS" --max-minutes "$($PY -c "print($MINUTES * 1.15)")" \
+    --eval "$OUT/data/test.jsonl" --eval-every $(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
 tar -cf "$OUT/result.tar" -C "$OUT" run/metrics.jsonl run/model $(cd "$OUT" && ls run/eval_step*.jsonl)
 echo "[$(date +%T)] done: $OUT/result.tar"

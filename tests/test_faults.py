@@ -17,7 +17,7 @@ Fine-tuning (2 sequence-parallel ranks, 4 tiny videos, 30 optimizer steps):
   (passes over it, says so): the losses of every step equal the uninterrupted run's, and metrics.jsonl holds each
   step once;
 * bad records mid-dataset are all reported with file:line before step 1, and ``--overwrite`` then leaves the old run
-  untouched; a nonexistent ``--model`` fails at once; the run folder's pieces (``spava_ds.runs``) on their own.
+  untouched; a nonexistent ``--model`` and a bad option fail at once; the run folder's pieces (``spava_ds.runs``) on their own.
 
 Each case is bounded by a timeout; the runs are kept small (about 15 s each here). The CPU cases hide the GPUs (gloo
 everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
@@ -388,7 +388,7 @@ def test_finetune_reports_every_bad_record_before_step_1(train_data, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_finetune_refuses_a_missing_model_at_once(train_data, tmp_path):
+def test_finetune_refuses_a_missing_model_and_bad_options_at_once(train_data, tmp_path):
     command = _finetune_command(train_data, tmp_path / "run", nproc=1)
     command[command.index("--model") + 1] = str(tmp_path / "no-such-model")
     start = time.monotonic()
@@ -398,6 +398,10 @@ def test_finetune_refuses_a_missing_model_at_once(train_data, tmp_path):
                                                    "no such folder (give a local Hugging Face checkpoint folder; "
                                                    "nothing is downloaded)"), res.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+    # a bad option (underscore spelling: the alias of --max-steps) is argparse's exit 2, before anything starts
+    res = subprocess.run(_finetune_command(train_data, tmp_path / "run", "--max_steps", "0", nproc=1),
+                         capture_output=True, text=True, timeout=50, env=_env(False))
+    assert res.returncode == 2 and "error: --max-steps must be >= 1, got 0" in res.stderr, res.stderr[-3000:]
 
 
 def test_the_run_folder_pieces(tmp_path):
