@@ -163,6 +163,7 @@ def _join_deepspeed(args) -> None:
             torch.cuda.set_device(0)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=entry.collective_timeout(args))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what deepspeed.initialize reads of a launcher
     if not torch.cuda.is_available():
         # CPU runs: skip the JIT build of DeepSpeed's shared-memory comm op (25-50 s); gloo does the collectives.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -384,7 +385,7 @@ class Run:
     train: Optional[records.RecordFile]
     held_out: Optional[records.RecordFile]
     settings: dict
-    metrics: Optional[runs.MetricsFile] = None  # rank 0's, from ``open_output`` on
+    metrics: Optional[runs.MetricsFile] = None  # rank 0's, from ``open_metrics`` on
     saved_step: int = 0  # the step of the newest checkpoint
 
     @property
@@ -437,10 +438,13 @@ def check_data(run: Run, infer) -> None:
     files = [f for f in (run.train, run.held_out) if f is not None]
     if not files:
         return
+    start = time.perf_counter()
     check = functools.partial(infer.check_video, fps=run.args.fps, max_frames=run.args.max_frames)
     mine = [p for f in files for p in records.video_problems(f, check, run.rank, run.world)]
     found = [p for f in files for p in f.problems] + [p for part in comm.all_gather_objects(mine) for p in part]
     records.raise_problems(found, report=run.rank == 0)
+    log.info("checked the %d records of %s in %.1f s", sum(f.count for f in files),
+             " and ".join(f.path for f in files), time.perf_counter() - start)
 
 
 def replace_old_run(run: Run) -> None:

@@ -488,3 +488,29 @@ def test_the_run_folder_pieces(tmp_path):
         other.mkdir()
         (other / "notes.txt").write_text("mine")
         runs.check_output(str(other), resume=False, overwrite=True)
+
+
+_TWO_SIGNALS = """
+import argparse, os, signal, sys, time
+from spava_ds import entry
+
+def job(args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert entry.received_signal() == signal.SIGTERM  # the first one only asks to stop after the step in flight
+    print("still running", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the second stops at once
+    time.sleep(30)
+    print("not stopped", flush=True)
+
+sys.exit(entry.run_main(job, argparse.Namespace(debug=False), graceful_stop=True,
+                        in_flight="the optimizer step in flight"))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_second_stop_signal_stops_at_once():
+    res = subprocess.run([sys.executable, "-c", _TWO_SIGNALS], capture_output=True, text=True, timeout=50,
+                         env=_env(False))
+    assert res.returncode == 143 and res.stdout == "still running\n", (res.stdout, res.stderr)
+    assert res.stderr == ("[rank 0] SIGTERM: stopping after the optimizer step in flight (send it again to stop at "
+                          "once)\n[rank 0] error: stopped by SIGTERM\n"), res.stderr
