@@ -17,9 +17,10 @@ Fine-tuning (2 sequence-parallel ranks, 4 tiny videos, 30 optimizer steps):
   (passes over it, says so): the losses of every step equal the uninterrupted run's, and metrics.jsonl holds each
   step once;
 * bad records mid-dataset are all reported with file:line before step 1, and ``--overwrite`` then leaves the old run
-  untouched; a nonexistent ``--model`` and a bad option fail at once; the run folder's pieces (``spava_ds.runs``) on their own.
+  untouched; a nonexistent ``--model`` and a bad option fail at once; a second stop signal stops at once; the run
+  folder's pieces (``spava_ds.runs``) on their own.
 
-Each case is bounded by a timeout; the runs are kept small (about 15 s each here). The CPU cases hide the GPUs (gloo
+Each case is bounded by a timeout; the runs are kept small (about 15 s each here; the interrupted fine-tuning run 76 s). The CPU cases hide the GPUs (gloo
 everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
 """
 
