@@ -20,8 +20,9 @@ Fine-tuning (2 sequence-parallel ranks, 4 tiny videos, 30 optimizer steps):
   untouched; a nonexistent ``--model`` and a bad option fail at once; a second stop signal stops at once; the run
   folder's pieces (``spava_ds.runs``) on their own.
 
-Each case is bounded by a timeout; the runs are kept small (about 15 s each here; the interrupted fine-tuning run 76 s). The CPU cases hide the GPUs (gloo
-everywhere); ``test_faults_with_nccl`` runs the faults on 2 GPUs.
+Each case is bounded by a timeout; the runs are kept small (about 15 s each here; the interrupted fine-tuning
+run 76 s). The CPU cases hide the GPUs (gloo everywhere); ``test_faults_with_nccl`` and
+``test_finetune_faults_with_nccl`` run the faults on 2 GPUs.
 """
 
 from __future__ import annotations
