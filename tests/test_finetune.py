@@ -157,6 +157,7 @@ def test_resume_continues_with_identical_losses(data, tmp_path):
     config.write_text(json.dumps(dict(DS_CONFIG, scheduler={"type": "WarmupCosineLR", "params": {
         "total_num_steps": "auto", "warmup_num_steps": 1, "warmup_type": "linear", "warmup_min_ratio": 0.1}},
         spava={"mode": "ring"})))
+    # the older underscore spellings on purpose: they stay aliases of --deepspeed-config, --max-steps, ...
     common = ["--deepspeed_config", str(config), "--model", _model_dir(), "--train", train, "--max_steps", "4",
               "--no_export"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
