@@ -1,6 +1,6 @@
 """20 optimizer steps on one device: spava_ds's exact modes at W = 1 train like plain transformers.
 
-    python launch/check_train_parity.py                  # one GPU: the 3B shape, 2K-token samples, bf16, ZeRO-3 (a process per run)
+    python launch/check_train_parity.py                  # one GPU: 3B shape, 2K-token samples, bf16, ZeRO-3
     python launch/check_train_parity.py --shape tiny --tokens 300 --grid 4 4 --config CPU_FP32.json   # a CPU
 
 Every run starts from the same weights (the same seed) and sees the same samples under the same DeepSpeed JSON:
