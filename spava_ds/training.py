@@ -149,7 +149,7 @@ class DeepSpeedUlysses:
     def __init__(self, group, world: int):
         from deepspeed.sequence.layer import DistributedAttention
 
-        from .reference import dense_causal_attention
+        from .kernels import dense_causal_attention
 
         self.world = world
         self.local = dense_causal_attention

@@ -27,9 +27,10 @@ def _free_port() -> int:
 def _worker(rank, world_size, port, backend, fn, args, results):
     try:
         torch.set_num_threads(1)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        else:  # DeepSpeed picks its accelerator from the environment; children of this process inherit it
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
         try:
