@@ -347,7 +347,8 @@ def calibration_pieces(sizes: List[int]) -> List[Tuple[str, int, int]]:
 
 
 def _timer(device, iters: int, calls: int):
-    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, spava_ds.benchmarks.host.time_call), or host seconds."""
+    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, ``spava_ds.benchmarks.host.time_call``),
+    or host seconds."""
     from spava_ds.benchmarks.host import time_call
 
     def run(fn) -> float:

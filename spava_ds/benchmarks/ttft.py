@@ -288,7 +288,8 @@ def finished(path: str) -> set:
     """The measurements already in the results file: (case, method, pipeline), (video case, "share", W) and
     (video case, "decoding", 0)."""
     rows = read_jsonls([path], missing_ok=True)
-    done = {(r["case"], r["method"], r["pipeline"]) for r in rows if r.get("kind") == "ttft" and r.get("status") == "ok"}
+    done = {(r["case"], r["method"], r["pipeline"]) for r in rows
+            if r.get("kind") == "ttft" and r.get("status") == "ok"}
     done |= {(r["case"], "share", r["world"]) for r in rows if r.get("kind") == "share"}
     done |= {(r["case"], "decoding", 0) for r in rows if r.get("kind") == "decoding"}
     return done

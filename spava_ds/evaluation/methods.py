@@ -95,7 +95,8 @@ def _budget(text: str):
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Options of both evaluations (launch/eval_niah.py, launch/eval_videoqa.py): budget overrides, precision, output and summaries."""
+    """Options of both evaluations (launch/eval_niah.py, launch/eval_videoqa.py): budget overrides, precision,
+    output and summaries."""
     p.add_argument("--anchor-len", type=int, help="Spava's/APB's anchor length (default: the paper's rule)")
     p.add_argument("--passing-len", type=_budget,
                    help="Spava's/APB's passing budget: tokens per block, or one per layer, comma-separated "
