@@ -28,8 +28,6 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
-from .video import write_video
-
 TASKS = ("retrieval", "ordering", "counting")
 WORDS = ("cat", "dog", "sun", "car", "box", "tree", "fish", "bird", "moon", "star", "key", "cup")
 DIGITS = tuple(str(d) for d in range(10))
@@ -163,9 +161,14 @@ def _write_video(job: tuple) -> dict:
     record = {"id": f"{split}-{i:05d}", "video": f"{split}/{i:05d}.mp4", "frames": frames, "fps": fps,
               "width": width, "height": height, "seed": video_seed, "split": split}
     record.update(make_task(task, frames, rng, hold, max_count))
+    pixels = render_video(record, rng)
+    # imported after rendering, as the videos were always written: loading the encoder's libraries may switch the
+    # process's floating-point modes (flush-to-zero), which moves the rendered haystack by a grey level
+    from .video import write_video
+
     # near-lossless (crf 10): the decoded needles stay sharp and the haystack stays dark; one encoder thread, as
     # the committed model's training videos were written (x264's choices depend on its thread count)
-    write_video(os.path.join(out_dir, record["video"]), render_video(record, rng), fps, crf=10, threads=1)
+    write_video(os.path.join(out_dir, record["video"]), pixels, fps, crf=10, threads=1)
     return record
 
 
