@@ -28,12 +28,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-LAUNCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(LAUNCH)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, LAUNCH)
+from spava_ds import SpavaConfig, ZigzagLayout, entry
 
-from spava_ds import SpavaConfig, ZigzagLayout, entry  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BF16 = 2  # bytes per element of q, k, v and outputs
 GIB = 1024 ** 3
@@ -350,12 +347,13 @@ def calibration_pieces(sizes: List[int]) -> List[Tuple[str, int, int]]:
 
 
 def _timer(device, iters: int, calls: int):
-    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, bench_host.time_call), or host seconds."""
-    import bench_host
+    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, ``spava_ds.benchmarks.host.time_call``),
+    or host seconds."""
+    from spava_ds.benchmarks.host import time_call
 
     def run(fn) -> float:
         fn()  # warm-up: plans, allocations
-        host, gpu = bench_host.time_call(fn, device, iters, calls)
+        host, gpu = time_call(fn, device, iters, calls)
         return gpu if device.type == "cuda" else host
     return run
 
@@ -383,10 +381,10 @@ def measure_calibration(shape: Shape, sizes: List[int], copy_mib: int, device, d
 
 def measure_share(mode: Mode, tokens: int, shape: Shape, rank: int, device, dtype, timer) -> dict:
     """Seconds of one call of inter rank ``rank``'s attention, the other ranks faked (launch/bench_host.py)."""
-    import bench_host
+    from spava_ds.benchmarks.host import make_call
 
     u = mode.ulysses_degree
-    call, layout = bench_host.make_call(mode.name, tokens, mode.world, rank * u, (shape.heads, shape.kv_heads),
+    call, layout = make_call(mode.name, tokens, mode.world, rank * u, (shape.heads, shape.kv_heads),
                                         shape.head_dim, shape.query, device, dtype, u)
     return dict(mode=mode.name, world=mode.world, ulysses_degree=u, tokens=tokens, rank=rank,
                 local_tokens=layout.local_len(rank * u), seconds=timer(call))
@@ -395,7 +393,7 @@ def measure_share(mode: Mode, tokens: int, shape: Shape, rank: int, device, dtyp
 def run_measure(args) -> int:
     import torch
 
-    import bench_host
+    from spava_ds.benchmarks.host import alone
 
     start = time.perf_counter()  # the budget counts the calibration too
     device = torch.device(args.device)
@@ -408,7 +406,7 @@ def run_measure(args) -> int:
                rank=args.rank, calibration=measure_calibration(shape, args.calibration_tokens, args.copy_mib,
                                                               device, dtype, timer), shares=[])
     _write(args.out, out)
-    with bench_host.alone():
+    with alone():
         for tokens in args.tokens:
             for mode in args.configs:
                 if time.perf_counter() - start > args.time_budget:
