@@ -8,12 +8,15 @@ memory held; per-card constants turn them into seconds. Three subcommands:
     python launch/scaling_model.py predict                       # 8-64 GPUs, 1M-4M tokens, where 2-D overtakes
     python launch/scaling_model.py predict --plot docs/scaling.png --measured docs/results/scaling_1xh200.json
     python launch/scaling_model.py measure --out docs/results/scaling_1xh200.json   # one GPU (H200: ~4 min)
-    python launch/scaling_model.py validate --measured docs/results/scaling_1xh200.json
+    python launch/scaling_model.py measure --cuda-graphs --out ...   # the shares as CUDA graph replays
+    python launch/scaling_model.py validate --measured docs/results/scaling_1xh200.json [--cross-validate]
 
-``measure`` times calibration kernels (the card's constants) and one rank's attention share per mode at 64K-256K
-tokens, the other ranks faked as in launch/bench_host.py; ``validate`` fits the constants on the calibration,
-predicts every share and prints the error, then compares the communication part (and the whole language model)
-with the 2- and 4-GPU end-to-end runs in docs/results.
+``measure`` times calibration kernels (the card's constants: attention pieces of each shape class, spava_ds's
+selection, copies) and one rank's attention share per mode at 64K-256K tokens, the other ranks faked as in
+launch/bench_host.py; ``validate`` fits the constants on the calibration only, predicts every share and prints the
+error (``--cross-validate`` adds a labelled leave-one-length-out fit of the newer terms on the shares), then
+compares the communication part (and the whole language model) with the 2- and 4-GPU end-to-end runs in
+docs/results.
 """
 
 from __future__ import annotations
@@ -551,7 +554,8 @@ def fit_card(calibration: List[dict], base: Card, shape: Optional[Shape] = None)
     card = dataclasses.replace(base, **{f"{k}_tflops": v for k, v in tflops.items()})
     if "wide" not in fits:
         card = dataclasses.replace(card, wide_tflops=card.full_tflops)
-    card = dataclasses.replace(card, call_us=statistics.fmean(max(fits[k][1], 0.0) for k in tflops) * 1e6)
+    if tflops:
+        card = dataclasses.replace(card, call_us=statistics.fmean(max(fits[k][1], 0.0) for k in tflops) * 1e6)
     if "copy" in fits:
         card = dataclasses.replace(card, copy_gbs=fits["copy"][0] / 1e9, pass_us=max(fits["copy"][1], 0.0) * 1e6)
     if "few_rows" in fits:
@@ -650,13 +654,15 @@ def fit_terms_on_shares(measured: dict, card: Card, shares: List[dict]) -> Card:
     y = torch.tensor([r["seconds"] - w.seconds(zero) for r, w in zip(shares, works)], dtype=torch.float64)
     weight = 1 / torch.tensor([r["seconds"] for r in shares], dtype=torch.float64)
     keep = [True] * len(CROSS_VALIDATED)
-    while True:  # drop a term whose best coefficient is negative (unphysical), refit the others
+    coef: Dict[int, float] = {}
+    while any(keep):  # drop a term whose best coefficient is negative (unphysical), refit the others
         cols = [i for i, k in enumerate(keep) if k]
-        theta = torch.linalg.lstsq((x[:, cols] * weight[:, None]), (y * weight)[:, None]).solution[:, 0]
-        if (theta >= 0).all() or not cols:
+        theta = torch.linalg.lstsq(x[:, cols] * weight[:, None], (y * weight)[:, None]).solution[:, 0]
+        coef = dict(zip(cols, theta.tolist()))
+        if (theta >= 0).all():
             break
         keep[cols[int(theta.argmin())]] = False
-    coef = dict(zip(cols, theta.tolist()))
+        coef = {}
     extra = coef.get(2, 0.0)
     return dataclasses.replace(zero, select_ns=coef.get(0, 0.0), query_ns=coef.get(1, 0.0),
                                wide_tflops=1 / (1 / card.full_tflops + extra))
