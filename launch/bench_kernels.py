@@ -19,9 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
-from spava_ds import default_anchor_len, default_passing_len, entry  # noqa: E402
-from spava_ds.kernels import attend, flash_attn_available, merge  # noqa: E402
+from spava_ds import default_anchor_len, default_passing_len, entry
+from spava_ds.kernels import attend, flash_attn_available, merge
 
 
 def cuda_time(fn, warmup=3, iters=10) -> float:

@@ -63,15 +63,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spava_ds.models import family_of  # noqa: E402
-from spava_ds.step_timer import StepTimer  # noqa: E402
-from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
+from spava_ds.models import family_of
+from spava_ds.step_timer import StepTimer
+from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,
                                   apply_memory_options, build_model, measurement_config, memory_options,
                                   trainable_parameters)
-from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step  # noqa: E402
-from spava_ds.training import training_attn_implementation  # noqa: E402
+from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step
+from spava_ds.training import training_attn_implementation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["spava", "ring", "ulysses", DEEPSPEED_ULYSSES]
@@ -81,7 +79,7 @@ OOM_EXIT = 3
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--shape", nargs="+", default=["7b"], choices=sorted(MODEL_SHAPES),
                    help="model shapes (random weights)")
     p.add_argument("--model", default=None, help="a Qwen2.5-VL checkpoint directory instead of --shape")

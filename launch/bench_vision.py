@@ -22,10 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from spava_ds import entry  # noqa: E402
-from spava_ds.integrations import qwen_vision as qv  # noqa: E402
+from spava_ds import entry
+from spava_ds.integrations import qwen_vision as qv
 
 # Qwen2.5-VL-3B / 7B vision towers: identical ViTs, the merger projects to the language model's hidden size.
 REAL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,

@@ -31,12 +31,10 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spava_ds import SpavaConfig, comm  # noqa: E402
-from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,  # noqa: E402
+from spava_ds import SpavaConfig, comm
+from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,
                                   trainable_parameters)
-from spava_ds.training import VideoQAModel, synthetic_sample, train_step, training_attn_implementation  # noqa: E402
+from spava_ds.training import VideoQAModel, synthetic_sample, train_step, training_attn_implementation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ["transformers", "eager", "ring", "ulysses"]

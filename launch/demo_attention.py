@@ -24,11 +24,10 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, __file__.rsplit("/launch/", 1)[0])
-from spava_ds import (MeshLayout, SpavaConfig, dense_causal_attention, entry, make_layout,  # noqa: E402
+from spava_ds import (MeshLayout, SpavaConfig, dense_causal_attention, entry, make_layout,
                       reference_attention, sp_attention)
-from spava_ds.comm import init_mesh  # noqa: E402
-from spava_ds.config import MESH_MODES  # noqa: E402
+from spava_ds.comm import init_mesh
+from spava_ds.config import MESH_MODES
 
 log = logging.getLogger("spava_ds.demo")
 

@@ -4,11 +4,9 @@
     python launch/infer.py --help
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spava_ds.cli import main  # noqa: E402
+from spava_ds.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,15 @@ memory held; per-card constants turn them into seconds. Three subcommands:
     python launch/scaling_model.py predict                       # 8-64 GPUs, 1M-4M tokens, where 2-D overtakes
     python launch/scaling_model.py predict --plot docs/scaling.png --measured docs/results/scaling_1xh200.json
     python launch/scaling_model.py measure --out docs/results/scaling_1xh200.json   # one GPU (H200: ~4 min)
-    python launch/scaling_model.py validate --measured docs/results/scaling_1xh200.json
+    python launch/scaling_model.py measure --cuda-graphs --out ...   # the shares as CUDA graph replays
+    python launch/scaling_model.py validate --measured docs/results/scaling_1xh200.json [--cross-validate]
 
-``measure`` times calibration kernels (the card's constants) and one rank's attention share per mode at 64K-256K
-tokens, the other ranks faked as in launch/bench_host.py; ``validate`` fits the constants on the calibration,
-predicts every share and prints the error, then compares the communication part (and the whole language model)
-with the 2- and 4-GPU end-to-end runs in docs/results.
+``measure`` times calibration kernels (the card's constants: attention pieces of each shape class, spava_ds's
+selection, copies) and one rank's attention share per mode at 64K-256K tokens, the other ranks faked as in
+launch/bench_host.py; ``validate`` fits the constants on the calibration only, predicts every share and prints the
+error (``--cross-validate`` adds a labelled leave-one-length-out fit of the newer terms on the shares), then
+compares the communication part (and the whole language model) with the 2- and 4-GPU end-to-end runs in
+docs/results.
 """
 
 from __future__ import annotations
@@ -28,12 +31,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-LAUNCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(LAUNCH)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, LAUNCH)
+from spava_ds import SpavaConfig, ZigzagLayout, entry
 
-from spava_ds import SpavaConfig, ZigzagLayout, entry  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BF16 = 2  # bytes per element of q, k, v and outputs
 GIB = 1024 ** 3
@@ -58,14 +58,21 @@ SHAPES = {"7b": Shape("Qwen2.5-VL-7B", 28, 4, 128, 28), "3b": Shape("Qwen2.5-VL-
 @dataclasses.dataclass(frozen=True)
 class Card:
     """Per-card constants. Compute ones are fitted by ``validate`` from ``measure``'s calibration; the defaults are
-    the H100 kernel rates of shared/GPU.md. Links are nominal: NVLink 4 (NCCL bus bandwidth seen on 8-GPU nodes)
-    and one 400 Gb/s NIC per GPU; nothing here was measured across nodes."""
+    the H100 kernel rates of shared/GPU.md, and for the terms a calibration may lack (files written before
+    2026-11-30) the first model's treatment (see ``calibration_notes``). Links are nominal: NVLink 4 (NCCL bus
+    bandwidth seen on 8-GPU nodes) and one 400 Gb/s NIC per GPU; nothing here was measured across nodes."""
 
     name: str
     causal_tflops: float = 600.0  # attention on causal square pieces, counting the unmasked work only
-    full_tflops: float = 600.0    # attention on rectangular pieces
+    full_tflops: float = 600.0    # attention on rectangular pieces with at most as many keys as rows
+    wide_tflops: float = 600.0    # ... with more keys than rows (their K/V outgrow the L2 cache)
     call_us: float = 10.0         # GPU time per kernel piece beyond its FLOPs (launch gaps, tails)
+    query_ns: float = 1.15        # per key of a few-row piece (the query rows: too few row tiles to fill the GPU);
+    query_us: float = 0.0         # default: 48 rows x 28 heads at 600 TFLOP/s, the first model's FLOP count
+    select_ns: float = 0.1        # per key and KV head scored, pooled, sorted (default: read once at copy_gbs)
+    select_us: float = 0.0        # per block selected, beyond its keys
     copy_gbs: float = 2500.0      # memory traffic of copies and merges (bytes read + written per second)
+    pass_us: float = 0.0          # per copy or merge pass, beyond its bytes
     intra_gbs: float = 360.0      # per-GPU collective bandwidth inside a node
     inter_gbs: float = 45.0       # per-GPU bandwidth between nodes
     intra_us: float = 10.0        # latency of one collective step inside a node
@@ -76,14 +83,24 @@ class Card:
 CARDS = {"h200": Card("H200"), "h100": Card("H100", copy_gbs=2000.0)}
 
 
+FEW_ROWS = 128  # a piece of at most one row tile per head: its time is set by its keys, not its FLOPs
+
+
 @dataclasses.dataclass
 class Work:
     """One rank's attention work in one layer."""
 
     causal_flops: float = 0.0
-    full_flops: float = 0.0
-    pieces: int = 0
-    bytes: float = 0.0
+    full_flops: float = 0.0       # rectangles with at most as many keys as rows
+    wide_flops: float = 0.0       # rectangles with more keys than rows
+    pieces: int = 0               # causal and rectangular pieces
+    few_row_flops: float = 0.0    # pieces of at most FEW_ROWS rows (the query rows)
+    few_row_keys: float = 0.0
+    few_row_pieces: int = 0
+    scored: float = 0.0           # keys x KV heads that the selection scores, pools and sorts
+    selections: int = 0           # blocks selected
+    bytes: float = 0.0            # copies and merges: bytes read + written
+    passes: int = 0               # ... one kernel each
 
     def causal(self, n: int, heads: int, d: int) -> None:
         if n > 0:
@@ -91,23 +108,45 @@ class Work:
             self.pieces += 1
 
     def full(self, rows: int, keys: int, heads: int, d: int) -> None:
-        if rows > 0 and keys > 0:
-            self.full_flops += 4.0 * d * heads * rows * keys
-            self.pieces += 1
+        if rows <= 0 or keys <= 0:
+            return
+        flops = 4.0 * d * heads * rows * keys
+        if rows <= FEW_ROWS:
+            self.few_row_flops += flops
+            self.few_row_keys += keys
+            self.few_row_pieces += 1
+            return
+        if keys > rows:
+            self.wide_flops += flops
+        else:
+            self.full_flops += flops
+        self.pieces += 1
+
+    def select(self, keys: int, kv_heads: int) -> None:
+        """One block's selection (``select.block_scores``, ``topk_indices``, ``gather_passing``)."""
+        if keys > 0:
+            self.scored += keys * kv_heads
+            self.selections += 1
 
     def traffic(self, elements: float, bytes_per_element: float) -> None:
-        self.bytes += elements * bytes_per_element
+        if elements > 0:
+            self.bytes += elements * bytes_per_element
+            self.passes += 1
 
     @property
     def flops(self) -> float:
-        return self.causal_flops + self.full_flops
+        return self.causal_flops + self.full_flops + self.wide_flops + self.few_row_flops
 
     def seconds(self, card: Card) -> float:
-        return (self.causal_flops / (card.causal_tflops * 1e12) + self.full_flops / (card.full_tflops * 1e12)
-                + self.pieces * card.call_us * 1e-6 + self.bytes / (card.copy_gbs * 1e9))
+        attention = (self.causal_flops / card.causal_tflops + self.full_flops / card.full_tflops
+                     + self.wide_flops / card.wide_tflops) * 1e-12 + self.pieces * card.call_us * 1e-6
+        few_rows = self.few_row_keys * card.query_ns * 1e-9 + self.few_row_pieces * card.query_us * 1e-6
+        selection = self.scored * card.select_ns * 1e-9 + self.selections * card.select_us * 1e-6
+        copies = self.bytes / (card.copy_gbs * 1e9) + self.passes * card.pass_us * 1e-6
+        return attention + few_rows + selection + copies
 
 
-COPY, MERGE, READ = 2 * BF16, 3 * BF16, BF16  # bytes moved per element: copy (read + write), merge (2 in, 1 out)
+COPY, MERGE = 2 * BF16, 3 * BF16  # bytes moved per element: copy (read + write), merge (2 in, 1 out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +204,10 @@ def zigzag_work(exact: bool, tokens: int, world: int, shape: Shape, heads: int, 
     w.traffic((b1 if pass1 else 0) * heads * d + b2 * heads * d, MERGE)  # LSE merges of the block rows
     w.traffic((pass1 + pass2 + la) * kv * 2 * d, COPY)  # passing K|V split into contiguous keys and values
     w.traffic(lay.local_len(rank) * heads * d, COPY)  # the output joined in local order
-    if not exact:
-        w.traffic((b1 + b2) * kv * d, READ)  # scoring both blocks' keys against the query
+    if not exact:  # each block that precedes another selects its passing keys
+        for n, sends in zip((b1, b2), lay.passing_plan(rank, budget).send):
+            if sends:
+                w.select(n, kv)
     return w, early
 
 
@@ -341,23 +382,42 @@ def parse_config(text: str) -> Mode:
     return Mode(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 1)
 
 
-def calibration_pieces(sizes: List[int]) -> List[Tuple[str, int, int]]:
-    """(kind, rows, keys): causal squares, square and skinny rectangles, as Spava's pieces are."""
+def calibration_pieces(sizes: List[int], query: int) -> List[Tuple[str, int, int]]:
+    """(kind, rows, keys) of the calibration, each shaped as a kind of the shares' pieces: causal squares;
+    rectangles n x n, n x n/8 (more rows than keys) and n x 4n (more keys than rows: the passing and ring pieces);
+    the query rows over n and 4n keys; the selection of a block of n and 4n keys (rows 0)."""
     out = []
     for n in sizes:
-        out += [("causal", n, n), ("full", n, n), ("full", n, max(1, n // 8))]
+        out += [("causal", n, n), ("full", n, n), ("full", n, max(1, n // 8)), ("full", n, 4 * n),
+                ("full", query, n), ("full", query, 4 * n), ("select", 0, n), ("select", 0, 4 * n)]
     return out
 
 
 def _timer(device, iters: int, calls: int):
-    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, bench_host.time_call), or host seconds."""
-    import bench_host
+    """GPU seconds of one call (CUDA: back to back behind a sleep kernel, ``spava_ds.benchmarks.host.time_call``),
+    or host seconds."""
+    from spava_ds.benchmarks.host import time_call
 
     def run(fn) -> float:
         fn()  # warm-up: plans, allocations
-        host, gpu = bench_host.time_call(fn, device, iters, calls)
+        host, gpu = time_call(fn, device, iters, calls)
         return gpu if device.type == "cuda" else host
     return run
+
+
+def _selection_call(shape: Shape, keys: int, device, dtype):
+    """One block's selection as Spava runs it (``select``'s functions, the default budget and pooling)."""
+    import torch
+
+    from spava_ds import select
+
+    config = SpavaConfig()
+    k = torch.randn(1, keys, shape.kv_heads, shape.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    qbar = select.query_summary(torch.randn(1, shape.query, shape.heads, shape.head_dim, device=device, dtype=dtype),
+                                shape.kv_heads)
+    budget = min(keys, config.resolve_passing_len(2 * keys))  # about a block's budget at W = 1
+    return lambda: select.select_passing(k, v, qbar, budget, config.pool_kernel)
 
 
 def measure_calibration(shape: Shape, sizes: List[int], copy_mib: int, device, dtype, timer) -> List[dict]:
@@ -366,7 +426,12 @@ def measure_calibration(shape: Shape, sizes: List[int], copy_mib: int, device, d
     from spava_ds import kernels
 
     rows = []
-    for kind, n, keys in calibration_pieces(sizes):
+    for kind, n, keys in calibration_pieces(sizes, shape.query):
+        if kind == "select":
+            with torch.inference_mode():
+                seconds = timer(_selection_call(shape, keys, device, dtype))
+            rows.append(dict(kind=kind, keys=keys, kv_heads=shape.kv_heads, seconds=seconds))
+            continue
         q = torch.randn(1, n, shape.heads, shape.head_dim, device=device, dtype=dtype)
         k = torch.randn(1, keys, shape.kv_heads, shape.head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
@@ -376,26 +441,37 @@ def measure_calibration(shape: Shape, sizes: List[int], copy_mib: int, device, d
         with torch.inference_mode():
             seconds = timer(lambda: kernels.attend(q, k, v, causal=kind == "causal"))
         rows.append(dict(kind=kind, rows=n, keys=keys, flops=w.flops, seconds=seconds))
-    x = torch.empty(copy_mib * 2 ** 20 // BF16, device=device, dtype=dtype)
-    rows.append(dict(kind="copy", bytes=2 * x.numel() * BF16, seconds=timer(lambda: x.clone())))
+    for size in (copy_mib * 2 ** 20 // 64, copy_mib * 2 ** 20 // 8, copy_mib * 2 ** 20):  # per-pass cost, bandwidth
+        x = torch.empty(max(size // BF16, 1024), device=device, dtype=dtype)
+        rows.append(dict(kind="copy", bytes=2 * x.numel() * BF16, seconds=timer(lambda: x.clone())))
     return rows
 
 
-def measure_share(mode: Mode, tokens: int, shape: Shape, rank: int, device, dtype, timer) -> dict:
-    """Seconds of one call of inter rank ``rank``'s attention, the other ranks faked (launch/bench_host.py)."""
-    import bench_host
+def measure_share(mode: Mode, tokens: int, shape: Shape, rank: int, device, dtype, timer,
+                  cuda_graphs: bool = False) -> dict:
+    """Seconds of one call of inter rank ``rank``'s attention, the other ranks faked (launch/bench_host.py); with
+    ``cuda_graphs`` the call replays its CUDA graph (``graphs.AttentionGraphs``, as the engine's prefill does)."""
+    from spava_ds.benchmarks.host import make_call
+    from spava_ds.graphs import AttentionGraphs
 
     u = mode.ulysses_degree
-    call, layout = bench_host.make_call(mode.name, tokens, mode.world, rank * u, (shape.heads, shape.kv_heads),
-                                        shape.head_dim, shape.query, device, dtype, u)
-    return dict(mode=mode.name, world=mode.world, ulysses_degree=u, tokens=tokens, rank=rank,
-                local_tokens=layout.local_len(rank * u), seconds=timer(call))
+    graphs = AttentionGraphs(True) if cuda_graphs else None
+    call, layout = make_call(mode.name, tokens, mode.world, rank * u, (shape.heads, shape.kv_heads),
+                             shape.head_dim, shape.query, device, dtype, u, graphs)
+    if graphs is not None:
+        call()  # the first call of a signature runs eagerly, the second captures; the timed ones replay
+    row = dict(mode=mode.name, world=mode.world, ulysses_degree=u, tokens=tokens, rank=rank,
+               local_tokens=layout.local_len(rank * u), seconds=timer(call))
+    if graphs is not None:
+        row["graphs"] = graphs.stats["replays"] > 0  # False: ran eagerly (no CUDA, or the capture failed)
+        graphs.close()
+    return row
 
 
 def run_measure(args) -> int:
     import torch
 
-    import bench_host
+    from spava_ds.benchmarks.host import alone
 
     start = time.perf_counter()  # the budget counts the calibration too
     device = torch.device(args.device)
@@ -405,16 +481,17 @@ def run_measure(args) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     out = dict(card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"), dtype=str(dtype),
                command="launch/scaling_model.py " + " ".join(sys.argv[1:]), shape=dataclasses.asdict(shape),
+               cuda_graphs=args.cuda_graphs,
                rank=args.rank, calibration=measure_calibration(shape, args.calibration_tokens, args.copy_mib,
                                                               device, dtype, timer), shares=[])
     _write(args.out, out)
-    with bench_host.alone():
+    with alone():
         for tokens in args.tokens:
             for mode in args.configs:
                 if time.perf_counter() - start > args.time_budget:
                     print(f"time budget of {args.time_budget:.0f} s reached: {args.out} holds what was measured")
                     return 0
-                row = measure_share(mode, tokens, shape, args.rank, device, dtype, timer)
+                row = measure_share(mode, tokens, shape, args.rank, device, dtype, timer, args.cuda_graphs)
                 out["shares"].append(row)
                 _write(args.out, out)
                 print(f"{tokens:>8} {mode.label:>14}: {row['seconds'] * 1e3:9.3f} ms", flush=True)
@@ -446,28 +523,62 @@ def card_key(device_name: str) -> Optional[str]:
     return next((k for k in CARDS if k.upper() in device_name.upper()), None)
 
 
-def fit_card(calibration: List[dict], base: Card) -> Card:
-    """The card's compute constants from ``measure``'s calibration rows (links stay nominal)."""
-    rates, intercepts = {}, []
-    for kind in ("causal", "full"):
-        rate, c = _fit_line([(r["flops"], r["seconds"]) for r in calibration if r["kind"] == kind])
-        rates[kind] = rate / 1e12
-        intercepts.append(max(c, 0.0))
-    copies = [r["bytes"] / r["seconds"] for r in calibration if r["kind"] == "copy"]
-    return dataclasses.replace(base, causal_tflops=rates["causal"], full_tflops=rates["full"],
-                               call_us=statistics.fmean(intercepts) * 1e6,
-                               copy_gbs=statistics.fmean(copies) / 1e9 if copies else base.copy_gbs)
+def calibration_points(calibration: List[dict]) -> Dict[str, List[Tuple[float, float]]]:
+    """(amount, seconds) per term of ``Work.seconds``: FLOPs of causal, rectangular (keys <= rows) and wide pieces
+    (classified as ``Work.full`` does; rows of old files without rows/keys by their kind), keys of few-row pieces,
+    key-heads of selections, bytes of copies."""
+    points: Dict[str, List[Tuple[float, float]]] = {k: [] for k in ("causal", "full", "wide", "few_rows", "select",
+                                                                     "copy")}
+    for r in calibration:
+        kind, rows, keys = r["kind"], r.get("rows", 0), r.get("keys", 0)
+        if kind == "copy":
+            points["copy"].append((r["bytes"], r["seconds"]))
+        elif kind == "select":
+            points["select"].append((keys * r["kv_heads"], r["seconds"]))
+        elif kind == "full" and 0 < rows <= FEW_ROWS:
+            points["few_rows"].append((keys, r["seconds"]))
+        else:
+            points["wide" if kind == "full" and keys > rows else kind].append((r["flops"], r["seconds"]))
+    return points
 
 
-def share_errors(measured: dict, card: Card) -> List[dict]:
-    shape = Shape(**measured["shape"])
-    rows = []
-    for r in measured["shares"]:
-        mode = Mode(r["mode"], r["world"], r["ulysses_degree"])
-        pred = work(mode, r["tokens"], shape, r["rank"])[0].seconds(card)
-        rows.append(dict(tokens=r["tokens"], mode=mode.label, measured_ms=r["seconds"] * 1e3, predicted_ms=pred * 1e3,
-                         error=pred / r["seconds"] - 1))
-    return rows
+def fit_card(calibration: List[dict], base: Card, shape: Optional[Shape] = None) -> Card:
+    """The card's compute constants from ``measure``'s calibration rows (links stay nominal). A term the
+    calibration lacks keeps the first model's treatment (``calibration_notes`` says which), for ``shape``."""
+    pts = calibration_points(calibration)
+    shape = shape or SHAPES["7b"]
+    fits = {k: _fit_line(p) for k, p in pts.items() if p}
+    tflops = {k: fits[k][0] / 1e12 for k in ("causal", "full", "wide") if k in fits}
+    card = dataclasses.replace(base, **{f"{k}_tflops": v for k, v in tflops.items()})
+    if "wide" not in fits:
+        card = dataclasses.replace(card, wide_tflops=card.full_tflops)
+    if tflops:
+        card = dataclasses.replace(card, call_us=statistics.fmean(max(fits[k][1], 0.0) for k in tflops) * 1e6)
+    if "copy" in fits:
+        card = dataclasses.replace(card, copy_gbs=fits["copy"][0] / 1e9, pass_us=max(fits["copy"][1], 0.0) * 1e6)
+    if "few_rows" in fits:
+        card = dataclasses.replace(card, query_ns=1e9 / fits["few_rows"][0], query_us=max(fits["few_rows"][1], 0) * 1e6)
+    else:  # the query rows' FLOPs at the rectangular rate
+        card = dataclasses.replace(card, query_ns=4 * shape.head_dim * shape.heads * shape.query / card.full_tflops
+                                   * 1e-3, query_us=card.call_us)
+    if "select" in fits:
+        card = dataclasses.replace(card, select_ns=1e9 / fits["select"][0], select_us=max(fits["select"][1], 0) * 1e6)
+    else:  # each key read once
+        card = dataclasses.replace(card, select_ns=shape.head_dim * BF16 / card.copy_gbs, select_us=0.0)
+    return card
+
+
+def calibration_notes(calibration: List[dict]) -> List[str]:
+    """What a calibration (an older measure file) lacks, and the treatment its term then gets."""
+    pts = calibration_points(calibration)
+    missing = {"wide": "rectangles with more keys than rows at the rectangular rate",
+               "few_rows": "the query rows' pieces at the rectangular rate's time per key of their rows x all heads",
+               "select": "the selection as one read of the keys at the copy bandwidth",
+               "copy": "the copy bandwidth of the card's default"}
+    notes = [f"no {k} rows: {text}" for k, text in missing.items() if not pts[k]]
+    if len(pts["copy"]) == 1:
+        notes.append("one copy size: no per-pass cost of copies and merges (0 us)")
+    return notes
 
 
 def e2e_comparison(paths: List[str], cards: Dict[str, Card]) -> List[dict]:
@@ -502,20 +613,103 @@ def e2e_comparison(paths: List[str], cards: Dict[str, Card]) -> List[dict]:
     return rows
 
 
+def share_work(share: dict, shape: Shape) -> Work:
+    """The model's work for one measured share; a share replayed as a CUDA graph also copies its inputs (q, k, v
+    with all heads) into the graph and the output out."""
+    mode = Mode(share["mode"], share["world"], share["ulysses_degree"])
+    w = work(mode, share["tokens"], shape, share["rank"])[0]
+    if share.get("graphs"):
+        w.traffic(share["local_tokens"] * (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim, COPY)
+    return w
+
+
+def share_errors(measured: dict, card: Card, shares: Optional[List[dict]] = None) -> List[dict]:
+    shape = Shape(**measured["shape"])
+    rows = []
+    for r in measured["shares"] if shares is None else shares:
+        pred = share_work(r, shape).seconds(card)
+        rows.append(dict(tokens=r["tokens"], mode=Mode(r["mode"], r["world"], r["ulysses_degree"]).label,
+                         measured_ms=r["seconds"] * 1e3, predicted_ms=pred * 1e3, error=pred / r["seconds"] - 1))
+    return rows
+
+
+# The terms that a calibration written before 2026-11-30 lacks, as (Card field, the Work amount it multiplies).
+CROSS_VALIDATED = (("select_ns", "scored"), ("query_ns", "few_row_keys"), ("wide_extra", "wide_flops"))
+
+
+def fit_terms_on_shares(measured: dict, card: Card, shares: List[dict]) -> Card:
+    """CROSS-VALIDATION ONLY: ``card`` with the constants of ``CROSS_VALIDATED`` fitted on ``shares`` (least
+    squares of the relative error, non-negative), the rest as calibrated. Wide pieces get 1 / R_rect plus the
+    fitted seconds per FLOP."""
+    import torch
+
+    shape = Shape(**measured["shape"])
+    zero = dataclasses.replace(card, select_ns=0.0, query_ns=0.0, wide_tflops=card.full_tflops)
+    works = [share_work(r, shape) for r in shares]
+    scale = (1e-9, 1e-9, 1e-12)  # ns per key-head, ns per key, s per TFLOP
+    x = torch.tensor([[getattr(w, a) * s for (_, a), s in zip(CROSS_VALIDATED, scale)] for w in works],
+                     dtype=torch.float64)
+    y = torch.tensor([r["seconds"] - w.seconds(zero) for r, w in zip(shares, works)], dtype=torch.float64)
+    weight = 1 / torch.tensor([r["seconds"] for r in shares], dtype=torch.float64)
+    keep = [True] * len(CROSS_VALIDATED)
+    coef: Dict[int, float] = {}
+    while any(keep):  # drop a term whose best coefficient is negative (unphysical), refit the others
+        cols = [i for i, k in enumerate(keep) if k]
+        theta = torch.linalg.lstsq(x[:, cols] * weight[:, None], (y * weight)[:, None]).solution[:, 0]
+        coef = dict(zip(cols, theta.tolist()))
+        if (theta >= 0).all():
+            break
+        keep[cols[int(theta.argmin())]] = False
+        coef = {}
+    extra = coef.get(2, 0.0)
+    return dataclasses.replace(zero, select_ns=coef.get(0, 0.0), query_ns=coef.get(1, 0.0),
+                               wide_tflops=1 / (1 / card.full_tflops + extra))
+
+
+def cross_validation(measured: dict, card: Card) -> List[dict]:
+    """Leave one token count out: the terms of ``CROSS_VALIDATED`` fitted on the shares of the other token counts,
+    the held-out count predicted."""
+    out = []
+    for tokens in sorted({r["tokens"] for r in measured["shares"]}):
+        train = [r for r in measured["shares"] if r["tokens"] != tokens]
+        held = [r for r in measured["shares"] if r["tokens"] == tokens]
+        fitted = fit_terms_on_shares(measured, card, train)
+        out.append(dict(tokens=tokens, card=fitted, errors=share_errors(measured, fitted, held)))
+    return out
+
+
 def run_validate(args) -> int:
     cards = dict(CARDS)
     if args.measured:
         data = json.load(open(args.measured))
         key = card_key(data["card"])
-        card = fit_card(data["calibration"], CARDS.get(key, Card(data["card"])))
+        card = fit_card(data["calibration"], CARDS.get(key, Card(data["card"])), Shape(**data["shape"]))
         if key:  # the end-to-end runs on this card use the fitted constants too
             cards[key] = card
-        print(f"# {data['card']} ({data['date']}): fitted constants {_constants(card)}")
+        timing = "CUDA graph replays" if data.get("cuda_graphs") else "eager calls"
+        print(f"# {data['card']} ({data['date']}), shares timed as {timing}: constants fitted on the calibration "
+              f"only: {_constants(card)}")
+        for note in calibration_notes(data["calibration"]):
+            print(f"# calibration: {note}")
         print_shares(share_errors(data, card))
+        if args.cross_validate:
+            print_cross_validation(cross_validation(data, card))
     else:
         print(f"# no --measured JSON: the cards' default constants ({_constants(cards['h200'])})")
     print_e2e(e2e_comparison(args.e2e, cards))
     return 0
+
+
+def print_cross_validation(folds: List[dict]) -> None:
+    print("\n## Cross-validation (NOT the verdict above): selection, query-row and wide-piece constants fitted on "
+          "the shares of the other token counts, the held-out count predicted\n")
+    print("| held-out tokens | fitted on the others: selection ns/key-head, query ns/key, wide TFLOP/s | "
+          "largest held-out error | held-out errors |\n|---|---|---|---|")
+    for f in folds:
+        c, errs = f["card"], [r["error"] for r in f["errors"]]
+        print(f"| {f['tokens']} | {c.select_ns:.3g}, {c.query_ns:.3g}, {c.wide_tflops:.3g} | "
+              f"{max(map(abs, errs)) * 100:.1f}% | " + " ".join(f"{r['mode']} {r['error'] * 100:+.0f}%"
+                                                             for r in f["errors"]) + " |")
 
 
 def print_shares(errors: List[dict]) -> None:
@@ -540,8 +734,11 @@ def print_e2e(rows: List[dict]) -> None:
 
 
 def _constants(card: Card) -> str:
-    return (f"attention {card.causal_tflops:.3g} (causal) / {card.full_tflops:.3g} (rectangular) TFLOP/s, "
-            f"{card.call_us:.3g} us per piece, copies {card.copy_gbs:.3g} GB/s; links (nominal) NVLink "
+    return (f"attention {card.causal_tflops:.3g} (causal) / {card.full_tflops:.3g} (rectangular) / "
+            f"{card.wide_tflops:.3g} (wide) TFLOP/s, {card.call_us:.3g} us per piece; query rows "
+            f"{card.query_ns:.3g} ns per key + {card.query_us:.3g} us; selection {card.select_ns:.3g} ns per key and "
+            f"KV head + {card.select_us:.3g} us; copies {card.copy_gbs:.3g} GB/s + {card.pass_us:.3g} us a pass; "
+            f"links (nominal) NVLink "
             f"{card.intra_gbs:.0f} GB/s, network {card.inter_gbs:.0f} GB/s per GPU, {card.gpus_per_node} GPUs a node")
 
 
@@ -634,7 +831,10 @@ def plot(grids: Dict[str, List[dict]], path: str) -> None:
 def run_predict(args) -> int:
     card = CARDS[args.card]
     if args.measured:
-        card = fit_card(json.load(open(args.measured))["calibration"], card)
+        data = json.load(open(args.measured))
+        card = fit_card(data["calibration"], card, Shape(**data["shape"]))
+        for note in calibration_notes(data["calibration"]):
+            print(f"# calibration: {note}")
     card = dataclasses.replace(card, inter_gbs=args.inter_gbs or card.inter_gbs,
                                gpus_per_node=args.gpus_per_node or card.gpus_per_node)
     print(f"# constants: {_constants(card)}")
@@ -684,10 +884,15 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--copy-mib", type=int, default=512)
     me.add_argument("--iters", type=int, default=3, help="timed bursts (the median counts)")
     me.add_argument("--calls", type=int, default=2, help="calls per burst")
+    me.add_argument("--cuda-graphs", action="store_true",
+                    help="time the shares as CUDA graph replays (SpavaConfig.cuda_graphs; default: eager calls)")
     me.add_argument("--time-budget", type=float, default=400.0,
                     help="start no share after this many seconds (the calibration included)")
     va = sub.add_parser("validate", help="the model against measure's JSON and the end-to-end runs")
     va.add_argument("--measured", help="measure's JSON (without it only the end-to-end comparison runs)")
+    va.add_argument("--cross-validate", action="store_true",
+                    help="also fit the selection, query-row and wide-piece constants on the shares of all but one "
+                         "token count and print the held-out errors (labelled; not the verdict)")
     va.add_argument("--e2e", nargs="*", default=sorted(glob.glob(os.path.join(ROOT, "docs", "results", "e2e_*.json"))))
     for sub_parser in (pr, me, va):
         entry.add_arguments(sub_parser)

@@ -19,6 +19,7 @@ GPUS=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
 WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1  # data workers and generators: one thread each
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root: launch/ imports spava_ds
 
 echo "[$(date +%T)] rendering $TRAIN_VIDEOS training + 180 held-out videos with $WORKERS processes"
 $PY -m spava_ds.tasks --out "$OUT/data" --train "$TRAIN_VIDEOS" --test 180 --frames 8,16,32,64 --seed 11 \

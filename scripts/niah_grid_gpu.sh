@@ -23,6 +23,7 @@ lengths=${*:-1024 2048 4096 8000}
 gpus=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root: launch/ imports spava_ds
 python3 launch/eval_niah.py --prepare $gguf $cache || exit 1  # the safetensors cache, once, before the jobs share it
 if [ "$gpus" -ge 4 ]; then real="2 4"; sim="8"; else real="2"; sim="4 8"; fi
 total=$(( 2 * cases ))  # two tasks (single, multikey) per case number

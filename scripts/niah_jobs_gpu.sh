@@ -21,6 +21,7 @@ if [ "${1:-}" = "--gguf" ]; then gguf=(--gguf "$2"); shift 2; fi
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root: launch/ imports spava_ds
 python3 launch/eval_niah.py --prepare "${gguf[@]}" || exit 1  # the safetensors cache, once, before the jobs share it
 ids() { python3 -c "import sys; print(' '.join(str(i) for part in sys.argv[1].split(',') for i in
   (range(int(part.split('-')[0]), int(part.split('-')[-1]) + 1))))" "$1"; }

@@ -13,6 +13,7 @@ limit=${3:-300}
 cases=${4:-60}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root: launch/ imports spava_ds
 tests=()
 for spec in 16:116 32:132 64:164 128:228; do
   frames=${spec%:*}

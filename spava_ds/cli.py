@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 launch/infer.py --check      # embedded model, generated task video
     torchrun --nproc_per_node 4 launch/infer.py --model DIR --video clip.mp4 --question "What happens?"
-    deepspeed --num_gpus 4 launch/infer.py --deepspeed_config configs/spava_sp2.json --model DIR --video v.mkv ...
+    deepspeed --num_gpus 4 launch/infer.py --deepspeed-config configs/spava_sp2.json --model DIR --video v.mkv ...
     torchrun --nproc_per_node 2 launch/infer.py --model DIR --batch questions.jsonl --output answers.jsonl
 
 Bad input (a missing or corrupt video, too few frames, an empty question, an unsupported checkpoint, a bad option)
@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="also run dense attention on rank 0 and print the largest first-token logit difference")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+    p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config",
                    help="a DeepSpeed JSON whose \"spava\" block configures the attention")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    # set by the deepspeed launcher (--local_rank) or torch.distributed.launch (--local-rank)
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     entry.add_arguments(p)
     return p
 

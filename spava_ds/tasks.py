@@ -257,7 +257,8 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=112)
     parser.add_argument("--fps", type=float, default=2.0, help="frame rate written in the mp4 (read it at this fps)")
     parser.add_argument("--hold", type=int, default=2, help="frames a needle stays on screen")
-    parser.add_argument("--max_count", type=int, default=5, help="largest answer of the counting task")
+    parser.add_argument("--max-count", "--max_count", type=int, default=5,
+                        help="largest answer of the counting task")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     parser.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint ranges of it)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering videos (same output)")

@@ -945,46 +945,148 @@ def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) ->
     return out
 
 
-def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, height: int, fps: float = 2,
-                          seed: int = 0, codec: str = "libx264", gop: int | None = None, bframes: int | None = None,
-                          frame_times=None, faststart: bool = False) -> str:
-    """Write `synthetic_frames(num_frames, width, height, seed)` as a real video at `fps` with PyAV; the container
-    follows the extension (.mp4, .mkv, .webm, ...). WebM gets VP9 when `codec` is left at the default.
+def natural_frames(num_frames: int, width: int, height: int, fps: float = 30, seed: int = 0):
+    """Frames of natural-looking motion, fast enough for minutes of 720p: crops of one textured world (the camera
+    pans along a smooth path) with textured discs moving on it, made directly as uint8 Y, U, V planes (4:2:0, video
+    range), so that the encoder converts no colours. A generator of `num_frames` (Y, U, V) tuples for `write_video`."""
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    rng = np.random.default_rng(seed)
+    world_h, world_w = (int(height * 1.5) // 2) * 2, (int(width * 1.5) // 2) * 2
+    world = _yuv_image(world_h, world_w, rng)
+    sizes = [int(s) // 2 * 2 for s in rng.integers(height // 10, height // 4, 5)]
+    objects = [(_yuv_image(s, s, rng), np.hypot(*np.mgrid[:s, :s] - (s - 1) / 2) < s / 2) for s in sizes]
+    phases, speeds = rng.uniform(0, 2 * np.pi, (5, 2)), rng.uniform(0.03, 0.2, (5, 2))
+    for i in range(num_frames):
+        t = i / fps
+        x0 = int((world_w - width) / 2 * (1 + math.sin(0.05 * t))) // 2 * 2  # the camera's smooth pan
+        y0 = int((world_h - height) / 2 * (1 + math.sin(0.037 * t + 1))) // 2 * 2
+        planes = [world[0][y0:y0 + height, x0:x0 + width].copy()] + \
+            [p[y0 // 2:(y0 + height) // 2, x0 // 2:(x0 + width) // 2].copy() for p in world[1:]]
+        for (image, disc), size, phase, speed in zip(objects, sizes, phases, speeds):
+            ox, oy = ((np.array([width, height]) - size) / 2 * (1 + np.sin(2 * np.pi * speed * t + phase)))
+            ox, oy = int(ox) // 2 * 2, int(oy) // 2 * 2
+            for k, (plane, sub) in enumerate(zip(planes, image)):
+                step = 1 if k == 0 else 2
+                mask = disc[::step, ::step]
+                region = plane[oy // step:(oy + size) // step, ox // step:(ox + size) // step]
+                region[mask] = sub[mask]
+        yield tuple(planes)
 
-    libx264 only: `gop` puts a keyframe every `gop` frames (and nowhere else), `bframes` sets the B-frames between
-    references. `frame_times` (seconds, increasing) gives each frame its own timestamp: a variable frame rate.
-    `faststart` moves an mp4's index (moov) to the front of the file.
+
+def _texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth multi-scale noise (a landscape-like texture), zero mean and unit deviation, float32 [H, W]."""
+    out = torch.zeros(1, 1, height, width)
+    for cells, amplitude in ((6, 1.0), (24, 0.5), (96, 0.25), (384, 0.12)):
+        grid = rng.standard_normal((1, 1, max(2, cells * height // width), cells)).astype(np.float32)
+        out += amplitude * F.interpolate(torch.from_numpy(grid), size=(height, width), mode="bicubic")
+    return ((out - out.mean()) / out.std())[0, 0].numpy()
+
+
+def _yuv_image(height: int, width: int, rng: np.random.Generator) -> List[np.ndarray]:
+    """A textured picture as uint8 Y, U, V planes (4:2:0), in video range."""
+    y = np.clip(128 + 45 * _texture(height, width, rng), 16, 235)
+    u, v = (np.clip(128 + 18 * _texture(height // 2, width // 2, rng), 16, 240) for _ in range(2))
+    return [p.astype(np.uint8) for p in (y, u, v)]
+
+
+def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, height: int, fps: float = 2,
+                          seed: int = 0, **options) -> str:
+    """`synthetic_frames(num_frames, width, height, seed)` written by `write_video` at `fps` (its `options`: codec,
+    gop, bframes, frame_times, faststart, ...)."""
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    return write_video(path, synthetic_frames(num_frames, width, height, seed), fps, **options)
+
+
+def write_video(path: str | os.PathLike, frames, fps: float = 2, codec: str = "libx264", crf: int = 10,
+                preset: str | None = None, gop: int | None = None, bframes: int | None = None, frame_times=None,
+                faststart: bool = False, threads: int | None = None) -> str:
+    """Encode `frames` as a video file with PyAV; the container follows the extension (.mp4, .mkv, .webm, ...), and
+    WebM gets VP9 when `codec` is left at the default. The one writer of the package (synthetic test and task videos,
+    the benchmarks' long ones); the file appears at `path` only when it is complete.
+
+    `frames`: a uint8 RGB array `[T, H, W, 3]`, or an iterable of frames, each an RGB `[H, W, 3]` array or a tuple of
+    uint8 Y, U, V planes of 4:2:0 (no colour conversion: the fast path of `natural_frames`). Even sizes only.
+
+    `crf`: quality (the default 10 is near-lossless: decoded frames stay close to the written ones); `preset`:
+    libx264's speed preset. libx264 only: `gop` puts a keyframe every `gop` frames (and nowhere else), `bframes`
+    sets the B-frames between references. `frame_times` (seconds, increasing) gives each frame its own timestamp: a
+    variable frame rate. `faststart` moves an mp4's index (moov) to the front of the file. `threads`: the encoder's
+    threads (0: all cores; 1: x264's output no longer depends on the machine; default: the codec's own).
     """
     av = _import_av()
 
     path = os.fspath(path)
-    if width % 2 or height % 2:
-        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    if frame_times is not None and len(frame_times) != num_frames:
-        raise ValueError(f"frame_times has {len(frame_times)} entries for {num_frames} frames")
-    ext = os.path.splitext(path)[1].lower()
-    if codec == "libx264" and ext in _CODEC_FOR_EXTENSION:
-        codec = _CODEC_FOR_EXTENSION[ext]
-    frames = synthetic_frames(num_frames, width, height, seed)
+    if frame_times is not None and hasattr(frames, "__len__") and len(frame_times) != len(frames):
+        raise ValueError(f"frame_times has {len(frame_times)} entries for {len(frames)} frames")
+    root, ext = os.path.splitext(path)
+    if codec == "libx264" and ext.lower() in _CODEC_FOR_EXTENSION:
+        codec = _CODEC_FOR_EXTENSION[ext.lower()]
     rate = Fraction(fps).limit_denominator(1001)
     time_base = Fraction(1, 1000) if frame_times is not None else 1 / rate
-    with av.open(path, mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.time_base = time_base
-        if codec in ("libx264", "libvpx-vp9"):
-            # near-lossless quality, so decoded frames stay close to synthetic_frames (tests match them)
-            stream.options = {"crf": "10"} if codec == "libx264" else {"crf": "10", "b": "0"}
-        if codec == "libx264" and gop is not None:
-            stream.options.update(g=str(gop), keyint_min=str(gop), sc_threshold="0")
-        if codec == "libx264" and bframes is not None:
-            stream.options.update(bf=str(bframes))
-        for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = t if frame_times is None else round(frame_times[t] * 1000)
-            frame.time_base = time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+    tmp = f"{root}.{os.getpid()}.tmp{ext}"  # the same extension: it picks the container
+    try:
+        with av.open(tmp, mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
+            stream = None
+            for t, array in enumerate(frames):
+                if frame_times is not None and t >= len(frame_times):
+                    raise ValueError(f"frame_times has {len(frame_times)} entries for more frames")
+                frame = _video_frame(av, array)
+                if stream is None:
+                    stream = _add_stream(container, codec, rate, time_base, frame, crf, preset, gop, bframes,
+                                         threads)
+                frame.pts = t if frame_times is None else round(frame_times[t] * 1000)
+                frame.time_base = time_base
+                container.mux(stream.encode(frame))
+            if stream is None:
+                raise ValueError("no frames to write")
+            if frame_times is not None and t + 1 != len(frame_times):
+                raise ValueError(f"frame_times has {len(frame_times)} entries for {t + 1} frames")
+            container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def _video_frame(av, array):
+    """One frame to encode: an RGB array, or (Y, U, V) planes of 4:2:0 stacked as PyAV's yuv420p array wants."""
+    if isinstance(array, (tuple, list)):
+        y, u, v = (np.asarray(p, np.uint8) for p in array)
+        height, width = y.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+        planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
+        return av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"a frame must be uint8 [H, W, 3] RGB or (Y, U, V) planes, got {array.dtype} "
+                         f"{list(array.shape)}")
+    if array.shape[0] % 2 or array.shape[1] % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {array.shape[1]}x{array.shape[0]}")
+    return av.VideoFrame.from_ndarray(array, format="rgb24")
+
+
+def _add_stream(container, codec: str, rate: Fraction, time_base: Fraction, first, crf: int, preset, gop, bframes,
+                threads):
+    """The video stream of `container`, sized after the first frame, with the encoder's options."""
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height, stream.pix_fmt = first.width, first.height, "yuv420p"
+    stream.codec_context.time_base = time_base
+    options = {}
+    if codec in ("libx264", "libvpx-vp9"):
+        options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf), "b": "0"}
+    if codec == "libx264" and preset is not None:
+        options["preset"] = preset
+    if codec == "libx264" and gop is not None:
+        options.update(g=str(gop), keyint_min=str(gop), sc_threshold="0")
+    if codec == "libx264" and bframes is not None:
+        options.update(bf=str(bframes))
+    stream.options = options
+    if threads is not None:
+        stream.codec_context.thread_count = threads
+    return stream

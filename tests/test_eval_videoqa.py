@@ -11,15 +11,10 @@ import sys
 
 import pytest
 
+from spava_ds.evaluation.report import summarize_videoqa
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "eval_videoqa.py")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_videoqa", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _transformers_answers(model_dir, tests, max_frames, max_new_tokens):
@@ -87,11 +82,10 @@ def test_eval_videoqa_two_processes_and_simulated(tmp_path):
     dense = [r for r in records + sim if r["method"] == "dense"]
     assert len(dense) == 4 and all(r["answer"] == reference[r["id"]] for r in dense), (dense, reference)
 
-    module = _load_script()
-    table = module.summarize([str(w2), str(w4)], str(tmp_path / "t.md"), None)
+    table = summarize_videoqa([str(w2), str(w4)], str(tmp_path / "t.md"), None)
     assert "| ring | 2 | 8 |" in table and "| spava | 4 (sim.) | 8 |" in table
     ring_row = next(line for line in table.splitlines() if line.startswith("| ring | 2 |"))
     assert ring_row.split("|")[-3].strip() == "100.0"  # same answer as dense: 100%
     if importlib.util.find_spec("matplotlib") is not None:
-        module.summarize([str(w2), str(w4)], None, str(tmp_path / "acc.png"))
+        summarize_videoqa([str(w2), str(w4)], None, str(tmp_path / "acc.png"))
         assert (tmp_path / "acc.png").stat().st_size > 0

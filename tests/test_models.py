@@ -1,5 +1,5 @@
 """Model families (``spava_ds.models``): Qwen2.5-VL, Qwen3-VL, InternVL3, Qwen2 and Llama, each a tiny random
-checkpoint (``launch/make_tiny_model.py``; the new ones made here in a temporary folder).
+checkpoint (``spava_ds.benchmarks.tiny``, ``launch/make_tiny_model.py``; the new ones made here in a temporary folder).
 
 * prompts: the video part of each family's prompt is what transformers' own processor writes (Qwen3-VL's timestamps,
   InternVL's line per frame), through the checkpoint's chat template; the embedded Qwen2.5-VL prompt is unchanged;
@@ -17,7 +17,6 @@ checkpoint (``launch/make_tiny_model.py``; the new ones made here in a temporary
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -45,13 +44,6 @@ APPROX = SpavaConfig(anchor_len=16, passing_len=4)
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
 
 
-def _make_tiny():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", os.path.join(ROOT, "launch", "make_tiny_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """{family: checkpoint dir} and a video of 12 frames (6 temporal steps) at 160x128."""
@@ -59,8 +51,9 @@ def setup(tmp_path_factory):
     from spava_ds.video import write_synthetic_video
 
     folder = tmp_path_factory.mktemp("families")
-    make = _make_tiny()
-    dirs = {f: make.write_family_checkpoint(str(folder / f), f) for f in FAMILIES if f != "qwen2_5_vl"}
+    from spava_ds.benchmarks.tiny import write_family_checkpoint
+
+    dirs = {f: write_family_checkpoint(str(folder / f), f) for f in FAMILIES if f != "qwen2_5_vl"}
     dirs["qwen2_5_vl"] = tiny_model_dir()
     video = write_synthetic_video(str(folder / "clip.mp4"), num_frames=12, width=160, height=128, fps=2, seed=1)
     return dirs, video

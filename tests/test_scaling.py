@@ -8,6 +8,7 @@ sums; its three subcommands run on the CPU at tiny sizes. bench_host and bench_e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -140,7 +141,9 @@ def test_measure_then_validate_and_predict_on_the_cpu(tmp_path, capsys):
                     "ring:4:2", "--calibration-tokens", "64", "256", "--copy-mib", "2", "--iters", "1",
                     "--calls", "1"]) == 0
     data = json.loads(out.read_text())
-    assert [r["kind"] for r in data["calibration"]] == ["causal", "full", "full"] * 2 + ["copy"]
+    kinds = ["causal", "full", "full", "full", "full", "full", "select", "select"]
+    assert [r["kind"] for r in data["calibration"]] == kinds * 2 + ["copy"] * 3
+    assert sm.calibration_notes(data["calibration"]) == []  # every term has its calibration rows
     assert [(r["mode"], r["world"], r["ulysses_degree"]) for r in data["shares"]] == [
         ("spava", 2, 1), ("ring", 4, 1), ("ulysses", 2, 1), ("spava", 4, 2), ("ring", 4, 2)]
     mesh = MeshLayout(693, 7, 4, SpavaConfig(ulysses_degree=2))
@@ -149,12 +152,75 @@ def test_measure_then_validate_and_predict_on_the_cpu(tmp_path, capsys):
     capsys.readouterr()
     assert sm.main(["validate", "--measured", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.count("| 700 |") == 5 and "fitted constants" in text
+    assert text.count("| 700 |") == 5 and "constants fitted on the calibration only" in text
     assert "e2e_2xh200_7b_720p.json | 7b/720p/131072/W2 | ulysses" in text  # the end-to-end comparison
     assert sm.main(["predict", "--shapes", "3b", "--tokens", str(2 ** 20), "--gpus", "8", "64",
                     "--plot", str(tmp_path / "p.png")]) == 0
     text = capsys.readouterr().out
     assert "| 1M | 64 |" in text and "1M tokens: 2-D Spava overtakes flat Spava (by 5% or more) from" in text
+
+
+def test_measure_with_cuda_graphs_and_cross_validation(tmp_path, capsys):
+    out = tmp_path / "graphs.json"
+    assert sm.main(["measure", "--out", str(out), "--device", "cpu", "--tokens", "600", "900", "--heads", "4", "2",
+                    "--head-dim", "16", "--query", "7", "--configs", "spava:2", "ring:2", "--calibration-tokens",
+                    "64", "--copy-mib", "1", "--iters", "1", "--calls", "1", "--cuda-graphs"]) == 0
+    data = json.loads(out.read_text())
+    assert data["cuda_graphs"] is True and [r["graphs"] for r in data["shares"]] == [False] * 4  # CPU: eager
+    capsys.readouterr()
+    assert sm.main(["validate", "--measured", str(out), "--cross-validate", "--e2e"]) == 0
+    text = capsys.readouterr().out
+    assert "shares timed as CUDA graph replays" in text and "## Cross-validation (NOT the verdict" in text
+    assert "| 600 | " in text and "| 900 | " in text  # one fold per held-out token count
+
+
+def test_old_calibration_keeps_the_first_model():
+    """A calibration without the new pieces (today's H200 file) predicts as the first model did: the query rows'
+    FLOPs at the rectangular rate plus a piece's cost, the selection one read of the keys at the copy bandwidth."""
+    data = json.load(open(os.path.join(ROOT, "docs", "results", "scaling_1xh200.json")))
+    shape = sm.Shape(**data["shape"])
+    card = sm.fit_card(data["calibration"], sm.CARDS["h200"], shape)
+    notes = sm.calibration_notes(data["calibration"])
+    assert len(notes) == 4 and card.wide_tflops == card.full_tflops and card.pass_us == 0
+    w, _ = sm.work(sm.Mode("spava", 4), 2 ** 16, shape)
+    lay = sm.zigzag_layout(False, 2 ** 16, 4, shape)
+    b1, b2 = (lay.block_len(v) for v in lay.virtual_hosts(1))
+    first = dataclasses.replace(w, few_row_keys=0, few_row_pieces=0, scored=0, selections=0)
+    first.full_flops += w.few_row_flops
+    first.pieces += 1
+    first.bytes += (b1 + b2) * shape.kv_heads * shape.head_dim * sm.BF16
+    assert w.seconds(card) == pytest.approx(first.seconds(card), rel=1e-9)
+
+
+@pytest.mark.parametrize("tokens,world", [(1000, 1), (1237, 3), (3001, 4)])
+def test_selection_and_query_terms_count_what_the_code_selects(tokens, world):
+    """The model selects every block that precedes another (each sends its top-k to later blocks), scoring all of
+    its keys for every KV head, and has one few-row piece per rank: the query rows over the rank's key share."""
+    shape = sm.Shape("t", 4, 2, 8, 1, query=9)
+    lay = sm.zigzag_layout(False, tokens, world, shape)
+    scored = selections = 0
+    for r in range(world):
+        w, _ = sm.zigzag_work(False, tokens, world, shape, shape.heads, shape.kv_heads, r)
+        scored, selections = scored + w.scored, selections + w.selections
+        share = sum(e - s for s, e, causal in lay.key_share(r) if not causal)
+        assert (w.few_row_keys, w.few_row_pieces) == (share, 1)
+        assert sm.zigzag_work(True, tokens, world, shape, shape.heads, shape.kv_heads, r)[0].selections == 0
+    every_block_but_the_last = range(lay.num_blocks - 1)
+    assert selections == len(every_block_but_the_last)
+    assert scored == shape.kv_heads * sum(lay.block_len(v) for v in every_block_but_the_last)
+
+
+def test_calibration_fits_each_new_term():
+    rows = [dict(kind="full", rows=48, keys=n, flops=0.0, seconds=3e-5 + n * 30e-9) for n in (4096, 16384)]
+    rows += [dict(kind="full", rows=n, keys=4 * n, flops=f, seconds=f / 550e12 + 1e-5)
+             for n, f in ((4096, 1e12), (8192, 4e12))]
+    rows += [dict(kind="select", keys=n, kv_heads=4, seconds=2e-5 + 4 * n * 5e-9) for n in (4096, 65536)]
+    rows += [dict(kind="copy", bytes=b, seconds=3e-6 + b / 4e12) for b in (1e7, 1e9)]
+    card = sm.fit_card(rows, sm.CARDS["h200"])
+    assert card.query_ns == pytest.approx(30) and card.query_us == pytest.approx(30)
+    assert card.wide_tflops == pytest.approx(550) and card.call_us == pytest.approx(10)
+    assert card.select_ns == pytest.approx(5) and card.select_us == pytest.approx(20)
+    assert card.copy_gbs == pytest.approx(4000) and card.pass_us == pytest.approx(3)
 
 
 def test_fitted_constants_recover_known_rates():

@@ -20,7 +20,7 @@ from spava_ds.video import (DECODER_THREADS_ENV, DECODERS_ENV, OPENAI_CLIP_MEAN,
                             decoder_layout, hf_video_processor_available, iter_frames, load_video_settings,
                             plan_video, preprocess_video, preprocess_with_processor, rank_cores, read_metadata,
                             read_video, resize_by_matmul, resize_frames, sample_frame_indices, smart_resize,
-                            synthetic_frames, video_pixels, write_synthetic_video)
+                            natural_frames, synthetic_frames, video_pixels, write_synthetic_video, write_video)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array(OPENAI_CLIP_MEAN, np.float64)
@@ -316,6 +316,32 @@ def test_synthetic_video_is_deterministic_and_varied(tmp_path):
     assert np.array_equal(f1, f2) and np.abs(f1.astype(int) - a).mean() < 4  # close to the source (lossy codec)
     with pytest.raises(ValueError, match="even"):
         write_synthetic_video(tmp_path / "odd.mp4", 4, 63, 48)
+
+
+@needs_av
+def test_write_video_from_planes_and_arrays(tmp_path):
+    """The one writer: Y, U, V planes (natural_frames, no colour conversion) decode close to the planes written,
+    with a keyframe every `gop` frames; an RGB array and an iterable of its frames give the same file's frames;
+    bad input is refused before a file appears."""
+    import av
+
+    planes = list(natural_frames(12, 96, 64, fps=6, seed=3))
+    assert [p.shape for p in planes[0]] == [(64, 96), (32, 48), (32, 48)] and planes[0][0].dtype == np.uint8
+    assert np.abs(planes[0][0].astype(int) - planes[-1][0]).mean() > 1  # the camera and the discs move
+    path = write_video(tmp_path / "n.mp4", iter(planes), fps=6, crf=10, gop=4, threads=1)
+    with av.open(path) as container:
+        decoded = [(f.to_ndarray(format="yuv420p")[:64], f.key_frame) for f in container.decode(video=0)]
+    assert len(decoded) == 12 and [i for i, (_, key) in enumerate(decoded) if key] == [0, 4, 8]
+    assert max(np.abs(y.astype(int) - p[0]).mean() for (y, _), p in zip(decoded, planes)) < 2
+    rgb = synthetic_frames(5, 64, 48, seed=2)
+    f1, info = read_video(write_video(tmp_path / "a.mp4", rgb, fps=2, threads=1), fps=2)
+    f2, _ = read_video(write_video(tmp_path / "b.mp4", (frame for frame in rgb), fps=2, threads=1), fps=2)
+    assert np.array_equal(f1, f2) and np.abs(f1.astype(int) - rgb[info["indices"]]).mean() < 6  # 4:2:0 chroma
+    with pytest.raises(ValueError, match="uint8"):
+        write_video(tmp_path / "c.mp4", rgb.astype(np.float32), fps=2)
+    with pytest.raises(ValueError, match="frame_times"):
+        write_video(tmp_path / "d.mp4", rgb, fps=2, frame_times=[0.0, 0.5])
+    assert not (tmp_path / "c.mp4").exists() and not list(tmp_path.glob("*.tmp*"))
 
 
 def _header_only_mkv(tmp_path):
