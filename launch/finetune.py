@@ -18,7 +18,7 @@ Nothing is lost (``spava_ds.runs``): an existing run folder is refused without -
 are written every --save-every-minutes (30) and --save-every steps, marked complete when every rank's files are on
 disk, and on SIGTERM/SIGINT after the optimizer step in flight (exit code 143/130; a second signal stops at once);
 --resume passes over a damaged newest checkpoint to the newest complete one and cuts metrics.jsonl back to it. Every
-record of --train and --eval is checked before step 1 (``spava_ds.records``). An error is one line per rank
+record of --train and --eval is checked before step 1 (``spava_ds.dataset``). An error is one line per rank
 (``spava_ds.entry``; the traceback with --debug). See docs/finetune.md and docs/reliability.md.
 """
 
@@ -46,9 +46,7 @@ from typing import Optional  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spava_ds import comm, entry, records, runs  # noqa: E402
+from spava_ds import comm, dataset, entry, runs  # noqa: E402
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
 from spava_ds.models import family_of  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
@@ -382,8 +380,8 @@ class Run:
     gas: int
     total_steps: int
     micro_per_epoch: int
-    train: Optional[records.RecordFile]
-    held_out: Optional[records.RecordFile]
+    train: Optional[dataset.RecordFile]
+    held_out: Optional[dataset.RecordFile]
     settings: dict
     metrics: Optional[runs.MetricsFile] = None  # rank 0's, from ``open_metrics`` on
     saved_step: int = 0  # the step of the newest checkpoint
@@ -415,8 +413,8 @@ def plan_run(args, rank: int, world: int) -> Run:
     from spava_ds.video import load_video_settings
 
     runs.check_output(args.output, args.resume, args.overwrite)  # first: the check that protects earlier work
-    train = records.read_records(args.train) if args.train else None
-    held_out = records.read_records(args.eval, args.eval_limit) if args.eval else None
+    train = dataset.read_records(args.train) if args.train else None
+    held_out = dataset.read_records(args.eval, args.eval_limit) if args.eval else None
     # bad records count here: they stop the run before step 1 (check_data), and the step count must not hide them
     ds, spava_config, sp, dp, gas, total_steps, micro_per_epoch = _ds_config(args, world, train.count if train else 0)
     settings = load_video_settings(args.model) if args.model else {}
@@ -440,9 +438,9 @@ def check_data(run: Run, infer) -> None:
         return
     start = time.perf_counter()
     check = functools.partial(infer.check_video, fps=run.args.fps, max_frames=run.args.max_frames)
-    mine = [p for f in files for p in records.video_problems(f, check, run.rank, run.world)]
+    mine = [p for f in files for p in dataset.video_problems(f, check, run.rank, run.world)]
     found = [p for f in files for p in f.problems] + [p for part in comm.all_gather_objects(mine) for p in part]
-    records.raise_problems(found, report=run.rank == 0)
+    dataset.raise_problems(found, report=run.rank == 0)
     log.info("checked the %d records of %s in %.1f s", sum(f.count for f in files),
              " and ".join(f.path for f in files), time.perf_counter() - start)
 

@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Callable, List, Optional, Tuple
 
-log = logging.getLogger("spava_ds.records")
+log = logging.getLogger("spava_ds.dataset")
 
 FIELDS = ("video", "question", "answer")
 Problem = Tuple[str, int, str]  # (file, line, reason)
