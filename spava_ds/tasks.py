@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from fractions import Fraction
 from typing import Dict, List, Sequence, Union
 
 import numpy as np
+
+from .video import write_video
 
 TASKS = ("retrieval", "ordering", "counting")
 WORDS = ("cat", "dog", "sun", "car", "box", "tree", "fish", "bird", "moon", "star", "key", "cup")
@@ -146,23 +147,6 @@ def render_video(record: Dict, rng: np.random.Generator) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-    """H.264 at near-lossless quality (crf 10): the decoded needles stay sharp and the haystack stays dark."""
-    import av
-
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "10"}
-        stream.codec_context.thread_count = 1  # x264's output depends on its thread count: one makes files reproducible
-        for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = t, 1 / rate
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush the encoder's delayed frames
-
-
 def split_seeds(split: str, count: int, seed: int = 0) -> List[int]:
     """The per-video seeds of a split: train and test ranges never overlap for the same base ``seed``."""
     if split not in _SPLIT_SEED_BASE:
@@ -179,7 +163,9 @@ def _write_video(job: tuple) -> dict:
     record = {"id": f"{split}-{i:05d}", "video": f"{split}/{i:05d}.mp4", "frames": frames, "fps": fps,
               "width": width, "height": height, "seed": video_seed, "split": split}
     record.update(make_task(task, frames, rng, hold, max_count))
-    write_mp4(os.path.join(out_dir, record["video"]), render_video(record, rng), fps)
+    # near-lossless (crf 10): the decoded needles stay sharp and the haystack stays dark; reproducible: a video's
+    # bytes depend on its seed only, whatever the process or the worker count
+    write_video(os.path.join(out_dir, record["video"]), render_video(record, rng), fps, crf=10, reproducible=True)
     return record
 
 

@@ -1001,7 +1001,7 @@ def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, 
 
 def write_video(path: str | os.PathLike, frames, fps: float = 2, codec: str = "libx264", crf: int = 10,
                 preset: str | None = None, gop: int | None = None, bframes: int | None = None, frame_times=None,
-                faststart: bool = False, threads: int | None = None) -> str:
+                faststart: bool = False, threads: int | None = None, reproducible: bool = False) -> str:
     """Encode `frames` as a video file with PyAV; the container follows the extension (.mp4, .mkv, .webm, ...), and
     WebM gets VP9 when `codec` is left at the default. The one writer of the package (synthetic test and task videos,
     the benchmarks' long ones); the file appears at `path` only when it is complete.
@@ -1013,13 +1013,17 @@ def write_video(path: str | os.PathLike, frames, fps: float = 2, codec: str = "l
     libx264's speed preset. libx264 only: `gop` puts a keyframe every `gop` frames (and nowhere else), `bframes`
     sets the B-frames between references. `frame_times` (seconds, increasing) gives each frame its own timestamp: a
     variable frame rate. `faststart` moves an mp4's index (moov) to the front of the file. `threads`: the encoder's
-    threads (0: all cores; 1: x264's output no longer depends on the machine; default: the codec's own).
+    threads (0: all cores; default: the codec's own). `reproducible` (libx264): the same frames give the same bytes in
+    any process (state, worker count): one encoder thread and no macroblock-tree rate control (with mbtree on, libx264
+    core 165 of PyAV 18 writes different bytes from call to call even on one thread: about 4 of 6 112x112 videos).
     """
     av = _import_av()
 
     path = os.fspath(path)
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    if reproducible and threads not in (None, 1):
+        raise ValueError(f"reproducible encoding runs one encoder thread, got threads={threads}")
     if frame_times is not None and hasattr(frames, "__len__") and len(frame_times) != len(frames):
         raise ValueError(f"frame_times has {len(frame_times)} entries for {len(frames)} frames")
     root, ext = os.path.splitext(path)
@@ -1037,7 +1041,7 @@ def write_video(path: str | os.PathLike, frames, fps: float = 2, codec: str = "l
                 frame = _video_frame(av, array)
                 if stream is None:
                     stream = _add_stream(container, codec, rate, time_base, frame, crf, preset, gop, bframes,
-                                         threads)
+                                         1 if reproducible else threads, reproducible)
                 frame.pts = t if frame_times is None else round(frame_times[t] * 1000)
                 frame.time_base = time_base
                 container.mux(stream.encode(frame))
@@ -1072,7 +1076,7 @@ def _video_frame(av, array):
 
 
 def _add_stream(container, codec: str, rate: Fraction, time_base: Fraction, first, crf: int, preset, gop, bframes,
-                threads):
+                threads, reproducible: bool = False):
     """The video stream of `container`, sized after the first frame, with the encoder's options."""
     stream = container.add_stream(codec, rate=rate)
     stream.width, stream.height, stream.pix_fmt = first.width, first.height, "yuv420p"
@@ -1086,6 +1090,8 @@ def _add_stream(container, codec: str, rate: Fraction, time_base: Fraction, firs
         options.update(g=str(gop), keyint_min=str(gop), sc_threshold="0")
     if codec == "libx264" and bframes is not None:
         options.update(bf=str(bframes))
+    if codec == "libx264" and reproducible:
+        options["mbtree"] = "0"  # the one part of x264 whose output varies between calls (see write_video)
     stream.options = options
     if threads is not None:
         stream.codec_context.thread_count = threads
