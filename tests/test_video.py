@@ -334,8 +334,8 @@ def test_write_video_from_planes_and_arrays(tmp_path):
     assert len(decoded) == 12 and [i for i, (_, key) in enumerate(decoded) if key] == [0, 4, 8]
     assert max(np.abs(y.astype(int) - p[0]).mean() for (y, _), p in zip(decoded, planes)) < 2
     rgb = synthetic_frames(5, 64, 48, seed=2)
-    f1, info = read_video(write_video(tmp_path / "a.mp4", rgb, fps=2, threads=1), fps=2)
-    f2, _ = read_video(write_video(tmp_path / "b.mp4", (frame for frame in rgb), fps=2, threads=1), fps=2)
+    f1, info = read_video(write_video(tmp_path / "a.mp4", rgb, fps=2, reproducible=True), fps=2)
+    f2, _ = read_video(write_video(tmp_path / "b.mp4", (frame for frame in rgb), fps=2, reproducible=True), fps=2)
     assert np.array_equal(f1, f2) and np.abs(f1.astype(int) - rgb[info["indices"]]).mean() < 6  # 4:2:0 chroma
     with pytest.raises(ValueError, match="uint8"):
         write_video(tmp_path / "c.mp4", rgb.astype(np.float32), fps=2)
