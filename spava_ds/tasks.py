@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
-from .video import write_video
+from .video import _check_even_size, write_video
 
 TASKS = ("retrieval", "ordering", "counting")
 WORDS = ("cat", "dog", "sun", "car", "box", "tree", "fish", "bird", "moon", "star", "key", "cup")
@@ -178,8 +178,7 @@ def generate_split(out_dir: str, split: str, count: int, frames: Union[int, Sequ
     cycles through them. ``workers`` processes render the videos; the output does not depend on it.
     """
     lengths = [frames] if isinstance(frames, int) else [int(f) for f in frames]
-    if width % 2 or height % 2:
-        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    _check_even_size(width, height)
     if not lengths or hold < 1 or min(lengths) < 3 * hold:
         raise ValueError(f"need hold >= 1 and frames >= 3 * hold (room for separate needles), got frames={frames}, "
                          f"hold={hold}")

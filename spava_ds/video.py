@@ -945,12 +945,17 @@ def synthetic_frames(num_frames: int, width: int, height: int, seed: int = 0) ->
     return out
 
 
+def _check_even_size(width: int, height: int) -> None:
+    """ValueError unless both sides are even, as yuv420p video (4:2:0 chroma) needs."""
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+
+
 def natural_frames(num_frames: int, width: int, height: int, fps: float = 30, seed: int = 0):
     """Frames of natural-looking motion, fast enough for minutes of 720p: crops of one textured world (the camera
     pans along a smooth path) with textured discs moving on it, made directly as uint8 Y, U, V planes (4:2:0, video
     range), so that the encoder converts no colours. A generator of `num_frames` (Y, U, V) tuples for `write_video`."""
-    if width % 2 or height % 2:
-        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    _check_even_size(width, height)
     rng = np.random.default_rng(seed)
     world_h, world_w = (int(height * 1.5) // 2) * 2, (int(width * 1.5) // 2) * 2
     world = _yuv_image(world_h, world_w, rng)
@@ -994,8 +999,7 @@ def write_synthetic_video(path: str | os.PathLike, num_frames: int, width: int, 
                           seed: int = 0, **options) -> str:
     """`synthetic_frames(num_frames, width, height, seed)` written by `write_video` at `fps` (its `options`: codec,
     gop, bframes, frame_times, faststart, ...)."""
-    if width % 2 or height % 2:
-        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    _check_even_size(width, height)
     return write_video(path, synthetic_frames(num_frames, width, height, seed), fps, **options)
 
 
@@ -1062,16 +1066,14 @@ def _video_frame(av, array):
     if isinstance(array, (tuple, list)):
         y, u, v = (np.asarray(p, np.uint8) for p in array)
         height, width = y.shape
-        if height % 2 or width % 2:
-            raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+        _check_even_size(width, height)
         planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
         return av.VideoFrame.from_ndarray(planes, format="yuv420p")
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"a frame must be uint8 [H, W, 3] RGB or (Y, U, V) planes, got {array.dtype} "
                          f"{list(array.shape)}")
-    if array.shape[0] % 2 or array.shape[1] % 2:
-        raise ValueError(f"width and height must be even for yuv420p video, got {array.shape[1]}x{array.shape[0]}")
+    _check_even_size(array.shape[1], array.shape[0])
     return av.VideoFrame.from_ndarray(array, format="rgb24")
 
 
