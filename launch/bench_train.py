@@ -68,7 +68,7 @@ from spava_ds.models import family_of
 from spava_ds.step_timer import StepTimer
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,
                                   apply_memory_options, build_model, measurement_config, memory_options,
-                                  trainable_parameters)
+                                  model_dtype, trainable_parameters)
 from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step
 from spava_ds.training import training_attn_implementation
 
@@ -201,8 +201,6 @@ def join_world(args, world: Optional[int]):
 def setup(args, source: str, device: torch.device):
     """``(engine, qa)``: the model under DeepSpeed, every rank of the world one sequence-parallel group."""
     import deepspeed
-
-    from spava_ds.train_model import model_dtype
 
     ds, spava = measurement_config(args.config)
     model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)
