@@ -63,11 +63,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from spava_ds.benchmarks.records import append_jsonl, read_jsonls
 from spava_ds.models import family_of
 from spava_ds.step_timer import StepTimer
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,
                                   apply_memory_options, build_model, measurement_config, memory_options,
-                                  trainable_parameters)
+                                  model_dtype, trainable_parameters)
 from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step
 from spava_ds.training import training_attn_implementation
 
@@ -154,19 +155,11 @@ class Results:
 
     def __init__(self, path: str):
         self.path = path
-        self.rows: Dict[str, dict] = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        r = json.loads(line)
-                        self.rows[r["key"]] = r
+        self.rows: Dict[str, dict] = {r["key"]: r for r in read_jsonls([path], missing_ok=True)}
 
     def append(self, row: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        append_jsonl(self.path, row)
         self.rows[row["key"]] = row
 
     def pending(self, rows: List[Row], args) -> List[Row]:
@@ -208,8 +201,6 @@ def join_world(args, world: Optional[int]):
 def setup(args, source: str, device: torch.device):
     """``(engine, qa)``: the model under DeepSpeed, every rank of the world one sequence-parallel group."""
     import deepspeed
-
-    from spava_ds.train_model import model_dtype
 
     ds, spava = measurement_config(args.config)
     model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)

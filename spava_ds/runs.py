@@ -195,7 +195,7 @@ def cut_metrics(folder: str, step: int) -> int:
         return 0
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    kept = [line for line, n in zip(lines, map(_step_of, lines)) if n is not None and n <= step]
     dropped = sum(1 for line in lines if line.strip()) - len(kept)
     if dropped:
         write_atomically(path, "".join(line.decode("utf-8") + "\n" for line in kept))

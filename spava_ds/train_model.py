@@ -23,6 +23,7 @@ offload itself is the same idea (the layer inputs wait in host memory until the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 from typing import Dict, Optional
@@ -113,9 +114,9 @@ def build_model(source: str, dtype: torch.dtype, device: torch.device, attn_impl
         handle = HfDeepSpeedConfig(ds_config)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if source in MODEL_SHAPES:
-        if zero3:  # zero.Init places the partitions on this rank's device itself
-            return AutoModelForImageTextToText.from_config(shape_config(source), **kwargs), handle
-        with torch.device(device):  # built and initialised on the device: no CPU loop over the weights
+        # ZeRO-3: zero.Init places the partitions on this rank's device itself; otherwise built and initialised on
+        # the device: no CPU loop over the weights
+        with contextlib.nullcontext() if zero3 else torch.device(device):
             return AutoModelForImageTextToText.from_config(shape_config(source), **kwargs), handle
     from . import models
 
