@@ -83,9 +83,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
-        print(tables(read_jsonls(args.table, missing_ok=True)))
+        rows = read_jsonls(args.table, missing_ok=True)
+        print(tables(rows))
         if args.plot:
-            plot(read_jsonls(args.table, missing_ok=True), args.plot)
+            plot(rows, args.plot)
         return 0
     finished = bench(args, argv if argv is not None else sys.argv[1:])
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -11,8 +11,8 @@ Make the older copy once (an ignored folder; carry it to the GPU machine), e.g. 
     python launch/host_before_after.py --before . --device cpu --tokens 301 --world 2 --shapes 3b --repeats 1 \
         --iters 1 --head-dim 16 --out /tmp/h.json                                                 # CPU smoke run
 
-Each run is a separate process (``python DIR/launch/bench_host.py``: the script puts its own folder first on the
-import path, so each half imports its own ``spava_ds``). Runs alternate before/after so that a drift of the machine
+Each run is a separate process (``python DIR/launch/bench_host.py`` with ``PYTHONPATH=DIR``, so each half imports
+its own ``spava_ds``). Runs alternate before/after so that a drift of the machine
 hits both; ``--time-budget`` starts no run that the slowest run so far would carry past it. ``--cuda-graphs`` gives
 this tree's bench_host ``--cuda-graphs`` (an older one may not have it): its graph rows are compared with the older
 tree's eager rows.

@@ -140,6 +140,12 @@ def finish(args, job: Job, results: Results, stopped: bool) -> None:
         dist.destroy_process_group()
 
 
+def case_fields(case, key: str, gpus_job: int) -> dict:
+    """The fields every result row of one case starts with (``key``: its ``case_key``)."""
+    return dict(case=key, model=case.model, resolution=case.resolution, target=case.target, size=list(case.size),
+                frames=case.frames, context_tokens=case.context_len, query_tokens=case.query_len, gpus_job=gpus_job)
+
+
 def share_name(method: str, world: int) -> str:
     return f"{method}@share{world}"
 
@@ -195,9 +201,7 @@ class Sweep:
         case = make_case(model, tokenizer, shape, res, target, job.world, args, job.device, job.dtype)
         log(f"\n[{key}] {case.frames} frames at {case.size[0]}x{case.size[1]} (grid {case.grid.tolist()[0]}), "
             f"{case.context_len} context + {case.query_len} query tokens")
-        base = dict(case=key, model=shape, resolution=res, target=target, size=list(case.size),
-                    frames=case.frames, context_tokens=case.context_len, query_tokens=case.query_len,
-                    gpus_job=job.world)
+        base = case_fields(case, key, job.world)
         for mth in self.methods:
             if results.done(key, mth):
                 continue
@@ -310,10 +314,8 @@ class Sweep:
                 if self.over_budget():
                     self.stopped = True
                     return
-                entry = dict(case=key, model=shape, resolution=res, target=target, size=list(case.size),
-                             frames=case.frames, context_tokens=case.context_len, query_tokens=case.query_len,
-                             gpus_job=1, gpus=world, method=name, share_of=world, share_rank=args.share_rank,
-                             status="ok")
+                entry = dict(case_fields(case, key, 1), gpus=world, method=name, share_of=world,
+                             share_rank=args.share_rank, status="ok")
                 free_memory(job.device)
                 t_method = time.perf_counter()
                 try:

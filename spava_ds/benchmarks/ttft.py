@@ -14,7 +14,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .e2e import parse_context, parse_resolution, prepare_model
+from .e2e import case_key, parse_context, parse_resolution, prepare_model
 from .records import append_jsonl, read_jsonls
 from .timing import agree, gather_floats, log
 
@@ -336,7 +336,7 @@ def run_video(shape, resolution, target, model, tokenizer, settings, grid, meta,
     """One (model, video) case: its video (written once), the decoding rows on rank 0, then every method and
     pipeline not ``done``. Returns (the model, built on first need; whether the budget stopped it)."""
     width, height = parse_resolution(resolution)
-    key = f"{shape}/{resolution}/{target}/W{world}"
+    key = case_key(shape, resolution, target, world)
     video_case = f"{shape}/{resolution}/{target}"
     shares = [w for w in args.share_worlds if (video_case, "share", w) not in done]
     decoding = bool(args.decoder_counts) and (video_case, "decoding", 0) not in done

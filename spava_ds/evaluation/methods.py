@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,14 @@ def run_methods(engines: Dict[tuple, SpavaEngine], inputs: dict, gen: Generation
         dist.barrier()
     return results, seconds
 
+
+
+def start_run(args) -> Tuple[int, int]:
+    """Start an evaluation: (rank, world) of the job; ``--simulate`` needs one process."""
+    rank, world = entry.init_distributed(args)
+    if args.simulate and world > 1:
+        raise ValueError("--simulate runs in one process (python, not torchrun)")
+    return rank, world
 
 
 def finish_run(rank: int, world: int, progress, out, message: str) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import SpavaConfig, comm, entry
 from ..benchmarks.records import complete_cases, write_record
 from ..engine import GenerationConfig, SpavaEngine
-from .methods import against_dense, finish_run, method_engines, run_methods
+from .methods import against_dense, finish_run, method_engines, run_methods, start_run
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SUBJECTS = ["The old lighthouse", "A quiet river", "The northern market", "Our small garden", "The mountain road",
@@ -110,9 +110,7 @@ def smollm2_dir(cache_dir: str, gguf: Optional[str] = None) -> str:
 
 
 def evaluate(args) -> None:
-    rank, world = entry.init_distributed(args)
-    if args.simulate and world > 1:
-        raise ValueError("--simulate runs in one process (python, not torchrun)")
+    rank, world = start_run(args)
     torch.manual_seed(args.seed)
     # decided by every rank before the agreement below, after which rank 0 may create the file
     resume = bool(args.resume and args.out and os.path.exists(args.out))

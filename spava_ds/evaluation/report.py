@@ -61,11 +61,7 @@ def summarize_niah(paths: List[str], table: Optional[str], plot: Optional[str]) 
         with open(table, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     if plot:
-        panels: Dict[str, Dict[str, list]] = {}
-        for (method, w, sim, length), rs in rows.items():
-            panels.setdefault(f"W = {w}{' (simulated)' if sim else ''}", {}).setdefault(method, []).append(
-                (length, 100 * sum(r["correct"] for r in rs) / len(rs)))
-        plot_accuracy(panels, "context tokens", plot)
+        _plot(rows, "context tokens", plot)
     return text
 
 
@@ -99,13 +95,15 @@ def summarize_videoqa(paths: List[str], table: Optional[str] = None, plot: Optio
         with open(table, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     if plot:
-        _plot(rows, plot)
+        _plot(rows, "video frames (2 fps)", plot)
     return text
 
 
-def _plot(rows: Dict[tuple, List[dict]], path: str) -> None:
+def _plot(rows: Dict[tuple, List[dict]], xlabel: str, path: str) -> None:
+    """``plot_accuracy`` of summary rows keyed (method, W, simulated, length): one panel per world size, accuracy
+    against the length (context tokens or frames) per method."""
     panels: Dict[str, Dict[str, list]] = {}
-    for (method, w, sim, frames), rs in rows.items():
+    for (method, w, sim, length), rs in rows.items():
         panels.setdefault(f"W = {w}{' (simulated)' if sim else ''}", {}).setdefault(method, []).append(
-            (frames, 100 * sum(r["correct"] for r in rs) / len(rs)))
-    plot_accuracy(panels, "video frames (2 fps)", path)
+            (length, 100 * sum(r["correct"] for r in rs) / len(rs)))
+    plot_accuracy(panels, xlabel, path)

@@ -15,7 +15,7 @@ from ..benchmarks.records import write_record
 from ..engine import GenerationConfig, SpavaEngine
 from ..tasks import load_records
 from ..training import exact_match
-from .methods import against_dense, finish_run, method_engines, run_methods
+from .methods import against_dense, finish_run, method_engines, run_methods, start_run
 
 
 def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
@@ -27,9 +27,7 @@ def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
 
 
 def evaluate(args) -> None:
-    rank, world = entry.init_distributed(args)
-    if args.simulate and world > 1:
-        raise ValueError("--simulate runs in one process (python, not torchrun)")
+    rank, world = start_run(args)
     torch.manual_seed(0)
     w = args.simulate or world
     with entry.agreed("reading the test files and the model"):  # a file one rank lacks stops every rank
