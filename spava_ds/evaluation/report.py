@@ -56,13 +56,7 @@ def summarize_niah(paths: List[str], table: Optional[str], plot: Optional[str]) 
         kls = [r["kl_first_token"] for r in rs if "kl_first_token" in r]
         lines.append(f"| {method} | {w}{' (sim.)' if sim else ''} | {length} | {len(rs)} | {acc:.1f} | "
                      + (f"{100 * sum(same) / len(same):.1f} | {sum(kls) / len(kls):.2e} |" if same else "- | - |"))
-    text = "\n".join(lines)
-    if table:
-        with open(table, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    if plot:
-        _plot(rows, "context tokens", plot)
-    return text
+    return _write_summary(lines, rows, "context tokens", table, plot)
 
 
 def _pct(values) -> str:
@@ -90,12 +84,18 @@ def summarize_videoqa(paths: List[str], table: Optional[str] = None, plot: Optio
                      f"{_pct(r['correct'] for r in rs)} | {per_task}"
                      f"{_pct(r['same_as_dense'] for r in rs if 'same_as_dense' in r)} | "
                      f"{f'{sum(kls) / len(kls):.2e}' if kls else '-'} |")
+    return _write_summary(lines, rows, "video frames (2 fps)", table, plot)
+
+
+def _write_summary(lines: List[str], rows: Dict[tuple, List[dict]], xlabel: str, table: Optional[str],
+                   plot: Optional[str]) -> str:
+    """The table's text, written to ``table`` and drawn to ``plot`` when given."""
     text = "\n".join(lines)
     if table:
         with open(table, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     if plot:
-        _plot(rows, "video frames (2 fps)", plot)
+        _plot(rows, xlabel, plot)
     return text
 
 
