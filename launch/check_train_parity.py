@@ -1,6 +1,7 @@
-"""20 optimizer steps on one device: spava_ds's exact modes at W = 1 train like plain transformers.
+"""20 optimizer steps: spava_ds's exact modes, at W = 1 or over W ranks, train like plain transformers on one device.
 
     python launch/check_train_parity.py                  # one GPU: 3B shape, 2K-token samples, bf16, ZeRO-3
+    python launch/check_train_parity.py --world 2        # ring and ulysses over 2 GPUs (NCCL), the reference on one
     python launch/check_train_parity.py --shape tiny --tokens 300 --grid 4 4 --config CPU_FP32.json   # a CPU
 
 Every run starts from the same weights (the same seed) and sees the same samples under the same DeepSpeed JSON:
@@ -9,11 +10,15 @@ Every run starts from the same weights (the same seed) and sees the same samples
   label shift and loss (no spava_ds on the model's path);
 * ``eager``: the same with transformers' eager attention: another exact attention, whose distance from the first
   is the noise of the run's precision (bf16 on a GPU);
-* ``ring``, ``ulysses``: ``spava_ds.training.VideoQAModel`` at W = 1 (spava_ds's attention, logits at the labels).
+* ``ring``, ``ulysses``: ``spava_ds.training.VideoQAModel`` (spava_ds's attention, logits at the labels) with
+  sequence parallelism over ``--world`` W processes (one GPU each, or gloo on a CPU) started by torch.distributed.run;
+  every rank builds the whole sample and ``train_step`` shards it; the loss is the whole sequence's, the gradient
+  norm the global one.
 
 Per step the loss and the gradient norm are compared with ``transformers``; the check passes when the largest
 relative difference of each exact mode is within ``max(--floor, 3 x eager's)``. One JSON line per run and step in
-``--out`` (optional); the table last; exit status 1 when the check fails.
+``--out`` (optional, with the run's ``world``); the table last; exit status 1 when the check fails. On a GPU, or
+with W > 1, each run is a fresh child process (group) of this script.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from spava_ds import SpavaConfig, comm
+from spava_ds import SpavaConfig
 from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,
                                   trainable_parameters)
-from spava_ds.training import VideoQAModel, synthetic_sample, train_step, training_attn_implementation
+from spava_ds.training import (VideoQAModel, sequence_loss, sp_group, synthetic_sample, train_step,
+                              training_attn_implementation)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ["transformers", "eager", "ring", "ulysses"]
+SP_RUNS = ("ring", "ulysses")  # the runs with sequence parallelism over --world ranks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,11 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", type=int, default=1,
+                   help="ranks of ring's and ulysses' sequence parallelism (a process and a GPU each); transformers "
+                        "and eager run on one device")
     p.add_argument("--floor", type=float, default=5e-3, help="smallest relative tolerance")
     p.add_argument("--out", default=None, help="JSON lines of every step")
-    p.add_argument("--run", choices=RUNS, default=None, help=argparse.SUPPRESS)  # one run, in a child process
+    # one run, in a child process (not "--run": torch.distributed.run reads that as its own --run-path)
+    p.add_argument("--only-run", choices=RUNS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--curve-out", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    if args.world < 1:
+        p.error(f"--world {args.world}: the ranks of ring and ulysses must be at least 1")
+    if gpus is not None and args.world > gpus:
+        p.error(f"--world {args.world}: a rank takes a GPU and this machine shows {gpus}")
+    return args
 
 
 class TransformersLoss(torch.nn.Module):
@@ -88,7 +105,9 @@ def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
     torch.manual_seed(args.seed)  # the same initial weights in every run
     model, handle = build_model(args.shape, model_dtype(ds), device, attn.get(run) or training_attn_implementation(),
                                 ds)
-    module = TransformersLoss(model) if run in attn else VideoQAModel(model, SpavaConfig(mode=run), comm.SELF)
+    sp = args.world if run in SP_RUNS else 1
+    group = sp_group(sp)  # comm.SELF at 1
+    module = TransformersLoss(model) if run in attn else VideoQAModel(model, SpavaConfig(mode=run), group)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable_parameters(module), config=ds)
     del handle
     module.train()
@@ -96,8 +115,8 @@ def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
     for step in range(args.steps):
         sample = synthetic_sample(model, args.tokens, tuple(args.grid), seed=args.seed + step % 4, device=device,
                                   dtype=model_dtype(ds))
-        loss = train_step(engine, sample, 1)
-        curve.append({"run": run, "step": step + 1, "loss": loss.item(),
+        loss = sequence_loss(train_step(engine, sample, sp), group)
+        curve.append({"run": run, "world": sp, "step": step + 1, "loss": loss.item(),
                       "grad_norm": float(engine.get_global_grad_norm())})
     engine.destroy()
     del engine, module, model
@@ -107,18 +126,43 @@ def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
     return curve
 
 
-def train_in_child(run: str, argv) -> List[Dict[str, float]]:
-    """``train(run)`` in a child process of this script; its curve comes back through a JSON file."""
+def train_in_child(run: str, argv, world: int) -> List[Dict[str, float]]:
+    """``train(run)`` in a child process of this script, or in ``world`` of them started by torch.distributed.run;
+    rank 0's curve comes back through a JSON file."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "curve.json")
         argv = list(sys.argv[1:] if argv is None else argv)
-        with socket.socket() as s:  # the child's own rendezvous: this process may hold a group already
-            s.bind(("127.0.0.1", 0))
-            env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(s.getsockname()[1]))
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--run", run, "--curve-out", path],
-                       env=env, check=True)
+        script = [os.path.abspath(__file__), *argv, "--only-run", run, "--curve-out", path]
+        env = dict(os.environ)
+        env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the lent machines (GPU.md)
+        if world > 1:  # the launcher sets every rank's RANK, LOCAL_RANK, WORLD_SIZE and rendezvous
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+        else:
+            command = [sys.executable]
+            with socket.socket() as s:  # the child's own rendezvous: this process may hold a group already
+                s.bind(("127.0.0.1", 0))
+                env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(s.getsockname()[1]))
+        subprocess.run(command + script, env=env, check=True)
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+
+
+def train_here(args, cuda: bool) -> Dict[str, List[Dict[str, float]]]:
+    """The curves of ``--only-run`` (or of every run) in this process, a rank of the group it joins or makes."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    created = not dist.is_initialized()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    curves = {run: train(run, args, device) for run in ([args.only_run] if args.only_run else RUNS)}
+    if created:
+        dist.destroy_process_group()
+    return curves
 
 
 def largest_difference(curve, reference, key: str) -> float:
@@ -136,38 +180,30 @@ def report(curves: Dict[str, list], floor: float) -> bool:
     noise = max(largest_difference(curves["eager"], reference, k) for k in ("loss", "grad_norm"))
     tolerance = max(floor, 3 * noise)
     ok = True
-    for run in ("ring", "ulysses"):
+    for run in SP_RUNS:
         worst = {k: largest_difference(curves[run], reference, k) for k in ("loss", "grad_norm")}
         ok &= all(v <= tolerance for v in worst.values())
-        print(f"{run}: largest relative difference from transformers: loss {worst['loss']:.2e}, gradient norm "
-              f"{worst['grad_norm']:.2e} (tolerance {tolerance:.2e}: eager's {noise:.2e} x 3, at least {floor:g})")
+        print(f"{run} at W = {curves[run][0]['world']}: largest relative difference from transformers on one device: "
+              f"loss {worst['loss']:.2e}, gradient norm {worst['grad_norm']:.2e} (tolerance {tolerance:.2e}: eager's "
+              f"{noise:.2e} x 3, at least {floor:g})")
     print("PASS" if ok else "FAIL")
     return ok
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import deepspeed
-    import deepspeed.ops
-
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)
     cuda = torch.cuda.is_available()
-    if not cuda:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if cuda and not args.run:  # a fresh process per run: a destroyed ZeRO-3 engine keeps part of its GPU memory
-        curves = {run: train_in_child(run, argv) for run in RUNS}
-    else:
-        created = not dist.is_initialized()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        curves = {run: train(run, args, device) for run in ([args.run] if args.run else RUNS)}
-        if created:
-            dist.destroy_process_group()
-    if args.run:
-        with open(args.curve_out, "w", encoding="utf-8") as f:
-            json.dump(curves[args.run], f)
+    if args.only_run or not (cuda or args.world > 1):
+        curves = train_here(args, cuda)
+    else:  # fresh processes per run: a destroyed ZeRO-3 engine keeps part of its GPU memory
+        curves = {run: train_in_child(run, argv, args.world if run in SP_RUNS else 1) for run in RUNS}
+    if args.only_run:
+        if os.environ["RANK"] == "0":
+            with open(args.curve_out, "w", encoding="utf-8") as f:
+                json.dump(curves[args.only_run], f)
         return 0
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:

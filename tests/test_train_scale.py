@@ -10,6 +10,8 @@ launch/finetune.py): every memory option in every mode, against one process.
   offload, the MLP in 3 pieces (TiledMLP), the loss in pieces of 4 labels; ring also with ZeRO-2 and no option.
   W = 2, and W = 3 for the exact modes with the optimizer-offload config.
 * 20 optimizer steps of ring and ulysses on 2 ranks give dense's losses and gradient norms on one process.
+* ``launch/check_train_parity.py``: ring and ulysses at W = 1, and over 2 gloo ranks through torch.distributed.run
+  (``--world 2``), follow transformers' own training on one process.
 * ``launch/finetune.py --model-shape tiny --synthetic-tokens N`` trains with every memory flag and exports weights
   that load; bad input gets clear errors.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -313,6 +316,48 @@ def test_parity_script_passes_on_the_cpu(tmp_path, capsys):
     assert sorted({e["run"] for e in lines}) == ["eager", "ring", "transformers", "ulysses"] and len(lines) == 12
     losses = [e["loss"] for e in lines if e["run"] == "transformers"]
     assert len(set(losses)) == 3  # steps see different samples and weights
+    assert {e["world"] for e in lines} == {1}
+
+
+def _parity_script(argv, gpu: bool) -> subprocess.CompletedProcess:
+    """launch/check_train_parity.py in a process of its own: it starts its runs' processes itself."""
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cuda" if gpu else "cpu")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU machine
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "check_train_parity.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_parity_script_runs_ring_and_ulysses_over_two_ranks_on_the_cpu(tmp_path):
+    """--world 2: ring and ulysses on 2 gloo ranks follow transformers on one process to 1e-4 over 3 fp32 steps."""
+    config = tmp_path / "fp32.json"
+    config.write_text(json.dumps(ZERO3))
+    out = tmp_path / "parity.jsonl"
+    res = _parity_script(["--shape", "tiny", "--tokens", str(TOKENS), "--grid", *map(str, GRID), "--steps", "3",
+                          "--lr", "1e-3", "--floor", "1e-4", "--config", str(config), "--world", "2", "--out",
+                          str(out)], gpu=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    verdict = res.stdout.splitlines()[-3:]
+    assert verdict[0].startswith("ring at W = 2:") and verdict[1].startswith("ulysses at W = 2:"), verdict
+    assert verdict[2] == "PASS", verdict
+    with open(out, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 12 and {(e["run"], e["world"]) for e in lines} == {
+        ("transformers", 1), ("eager", 1), ("ring", 2), ("ulysses", 2)}
+
+
+def test_parity_script_refuses_a_bad_world(monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import check_train_parity
+
+    with pytest.raises(SystemExit):
+        check_train_parity.parse_args(["--world", "0"])
+    assert "--world 0: the ranks of ring and ulysses must be at least 1" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        check_train_parity.parse_args(["--world", "2"])
+    assert "--world 2: a rank takes a GPU and this machine shows 1" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -320,3 +365,12 @@ def test_parity_on_one_gpu_in_bf16(tmp_path):
     """The GPU check at a small size (the full one: ``python launch/check_train_parity.py``, docs/finetune.md)."""
     assert run_distributed(_parity, 1, ["--shape", "tiny", "--tokens", "4096", "--steps", "20", "--lr", "1e-4"],
                            backend="nccl", timeout=600) == [0]
+
+
+@pytest.mark.gpu(count=2)
+def test_parity_over_two_gpus_in_bf16():
+    """ring and ulysses over 2 GPUs (NCCL) against transformers on one, at the one-GPU test's size."""
+    res = _parity_script(["--shape", "tiny", "--tokens", "4096", "--steps", "20", "--lr", "1e-4", "--world", "2"],
+                         gpu=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.stdout.splitlines()[-1] == "PASS"
