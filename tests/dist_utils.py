@@ -18,6 +18,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a script run as a child process: this checkout first on PYTHONPATH, ahead of what is
+    there already (the GPU machines put carried packages such as deepspeed on PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from dist_utils import child_env  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -51,7 +52,7 @@ def tiny_run(tmp_path_factory):
              gpus=2, gpus_job=2, status="running", attempts=1, size=[112, 112]),
     ]}
     out.write_text(json.dumps(prior))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, "--tiny",
            "--contexts", "320", "640", "4096", "--max-context", "1000", "--iters", "1", "--out", str(out),
            "--trace", str(tmp / "traces"), "--breakdown-methods", "spava", "ulysses", "--inject-oom", "dense@640"]

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 from spava_ds import SpavaConfig, ZigzagLayout, reference_attention  # noqa: E402
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import child_env, run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 6
@@ -158,7 +158,7 @@ def test_engine_modes_match_dense_and_reference():
 
 
 def _cli(*args, nproc=2, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, "launch", "infer.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -187,7 +187,7 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path):
     empty = _cli("--question", "  ")
     assert empty.returncode != 0 and "question is empty" in empty.stderr
     # The deepspeed launcher with a JSON whose "spava" block configures the attention.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    env = child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if os.path.exists(launcher):
         ds = subprocess.run([launcher, "--num_gpus", "2", os.path.join(ROOT, "launch", "infer.py"),

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from dist_utils import run_distributed
+from dist_utils import child_env, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def test_a_non_string_question_is_named():
 
 @pytest.mark.timeout(120)
 def test_top_p_zero_is_refused_on_every_rank_before_any_collective():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "launch", "infer.py"), "--top-p", "0"],
                          capture_output=True, text=True, timeout=100, env=env)
@@ -264,7 +264,7 @@ def test_rank_health_names_failed_and_silent_ranks(monkeypatch):
 
 def test_the_timeout_default_comes_from_the_environment():
     code = "import spava_ds.comm as c; print(c.DEFAULT_TIMEOUT.total_seconds())"
-    env = dict(os.environ, PYTHONPATH=ROOT, SPAVA_DIST_TIMEOUT="42")
+    env = child_env(SPAVA_DIST_TIMEOUT="42")
     ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert ok.stdout.strip() == "42.0", ok.stderr[-2000:]
     env["SPAVA_DIST_TIMEOUT"] = "ten"

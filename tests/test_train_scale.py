@@ -30,7 +30,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import child_env, run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = 300  # 60 frame pairs of 4 video tokens, 60 text tokens; on 2 ranks the zigzag blocks differ in length
@@ -321,7 +321,7 @@ def test_parity_script_passes_on_the_cpu(tmp_path, capsys):
 
 def _parity_script(argv, gpu: bool) -> subprocess.CompletedProcess:
     """launch/check_train_parity.py in a process of its own: it starts its runs' processes itself."""
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cuda" if gpu else "cpu")
+    env = child_env(DS_ACCELERATOR="cuda" if gpu else "cpu")
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU machine
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "check_train_parity.py"), *argv],
