@@ -5,11 +5,13 @@ slow camera pan with several textured objects moving across it), long enough for
 Qwen2.5-VL's defaults (2 frames per second, 128*28*28 to 768*28*28 pixels a frame: 720p is resized to 1008x560, 720
 tokens a second; 360p to 644x364, 299 tokens a second). Videos are cached in --video-dir by their parameters.
 
-Two pipelines, measured in the same run on the same model:
+Three pipelines, measured in the same run on the same model (--pipelines):
 
 ``new``    every rank plans the video from the container's metadata, decodes only the frames of its own temporal
            steps (seeking to the keyframe before them, FFmpeg threads) and resizes, normalises and patchifies them
-           with torch on its GPU (``SpavaEngine.video_inputs``)
+           with torch on its GPU (``SpavaEngine.video_inputs``), then runs its vision tower on them
+``streamed`` the same, but the vision tower encodes each chunk of steps as it decodes (``stream=True``): decode and
+           preprocess are then the waits exposed inside the tower's span, vision the rest of that span
 ``today``  every rank decodes the whole video and samples it, resizes and patchifies on the CPU (``read_video``,
            ``resize_frames``, ``preprocess_video``), then moves the patches to its GPU
 
@@ -33,6 +35,10 @@ tables of one or more result files.
     # one GPU: dense and the one-rank shares, 7B shape, 360p and 720p, 32K-128K, and the decoders' scaling
     python launch/bench_ttft.py --models 7b --share-worlds 2 4 --decoder-counts 1 2 4 8 16 \
         --out .bench/ttft_1gpu.jsonl --time-budget 480
+    # 2 GPUs: dense and spava, each rank's frames decoded before the tower (new) and streamed into it
+    torchrun --standalone --nproc_per_node 2 launch/bench_ttft.py --models 7b --resolutions 360p 720p \
+        --contexts 128K 64K --methods dense spava --pipelines new streamed --out .bench/ttft_stream.jsonl \
+        --time-budget 420
     # 4 GPUs: every method, and dense on rank 0
     torchrun --standalone --nproc_per_node 4 launch/bench_ttft.py --models 7b --out .bench/ttft_4gpu.jsonl
     # CPU smoke run: the embedded tiny checkpoint, a tiny video (also under torchrun --nproc_per_node 2)
@@ -59,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--contexts", nargs="+", default=None, help="target context tokens (default: 32K 64K 128K)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="default: all (one process: dense only)")
-    p.add_argument("--pipelines", nargs="+", default=PIPELINES, choices=PIPELINES)
+    p.add_argument("--pipelines", nargs="+", default=["new", "today"], choices=PIPELINES,
+                   help="new, streamed, today (default: new today)")
     p.add_argument("--share-worlds", nargs="*", type=int, default=[],
                    help="also time one rank's decode + preprocess for these W (on rank 0's device)")
     p.add_argument("--decoder-counts", nargs="*", type=int, default=[],

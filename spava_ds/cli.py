@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passing-len", type=int, help="override the passing budget rule")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
                    help="CUDA graphs of each layer's attention in the prefill (default: the config's, auto)")
+    p.add_argument("--stream-video", "--stream_video", dest="stream_video", action=argparse.BooleanOptionalAction,
+                   default=False, help="encode each rank's frames with the vision tower chunk by chunk as they "
+                                       "decode, hiding the decoding (off by default until measured faster on a GPU; "
+                                       "docs/inference.md)")
+    p.add_argument("--stream-chunk-steps", "--stream_chunk_steps", dest="stream_chunk_steps", type=int,
+                   help="with --stream-video: temporal steps a chunk (default: >= 8192 vision patches)")
     p.add_argument("--fps", type=float, help="frames sampled per second of video (default: the model's)")
     p.add_argument("--max-frames", type=int, help="at most this many frames (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -93,6 +99,8 @@ def check_args(args):
         raise ValueError(f"--fps must be > 0 frames per second, got {args.fps}")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.stream_chunk_steps is not None and args.stream_chunk_steps < 1:
+        raise ValueError(f"--stream-chunk-steps must be >= 1, got {args.stream_chunk_steps}")
     if args.task_frames < 6:
         raise ValueError(f"--task-frames must be at least 6, got {args.task_frames}")
     if args.task_seed < 0:
@@ -275,7 +283,8 @@ def run(args) -> int:
         log.info("loading %s on %d process(es), mode %s", model_dir, world, config.mode)
     with entry.agreed("loading the model"):
         engine = SpavaEngine.from_pretrained(model_dir, config, dtype=getattr(torch, args.dtype) if args.dtype
-                                             else None)
+                                             else None, stream_video=args.stream_video,
+                                             stream_chunk_steps=args.stream_chunk_steps)
     if items is None:
         return answer_one(args, engine, gen, rank, world)
     done = comm.broadcast_object(plan.done if plan else None)
@@ -356,6 +365,8 @@ def answer_batch(args, engine, gen, todo: List[BatchItem], plan: Optional[Output
                 break
             inputs, problem = _prepare(engine, item, args)
             failures = entry.agree(problem)
+            if not failures:
+                result, failures = _answer_agreed(engine, inputs, gen, item.record, args, rank, world)
             if failures:
                 reason = entry.describe_failures(failures, world)
                 if rank == 0:
@@ -364,7 +375,6 @@ def answer_batch(args, engine, gen, todo: List[BatchItem], plan: Optional[Output
                     log.warning("%s:%d: %s (an error record in %s)", args.batch, item.line, reason, plan.path)
                 counts["errors"] += 1
             else:
-                result = _answer(engine, inputs, gen, item.record, args, rank, world)
                 if rank == 0:
                     out.write(dict(result, batch_line=item.line))
                 counts["answers"] += 1
@@ -378,6 +388,17 @@ def answer_batch(args, engine, gen, todo: List[BatchItem], plan: Optional[Output
     if stop:
         return 128 + stop
     return EXIT_RECORDS_FAILED if counts["errors"] else 0
+
+
+def _answer_agreed(engine, inputs: dict, gen, record: dict, args, rank: int, world: int):
+    """(``_answer``'s result, no failures), or (None, the failures) when the video's frames did not decode while
+    streamed into the vision tower (``--stream-video``): every rank raises that VideoError together."""
+    from .video import VideoError
+
+    try:
+        return _answer(engine, inputs, gen, record, args, rank, world), None
+    except VideoError as err:
+        return None, {r: entry.one_line(err) for r in range(world)}  # the same message on every rank
 
 
 def _prepare(engine, item: BatchItem, args):

@@ -33,8 +33,13 @@ from .config import SpavaConfig
 from .layout import MeshLayout, ZigzagLayout, make_layout
 from .integrations.transformers import spava_session, text_decoder
 from .models import family_of
+from .video import VideoStream
 
 log = logging.getLogger("spava_ds.engine")
+
+# Vision-tower patches of a streamed chunk at least (``SpavaEngine(stream_video=True)``): enough work per call to
+# keep a GPU busy while the next chunk decodes.
+STREAM_CHUNK_PATCHES = 8192
 
 
 @dataclasses.dataclass
@@ -64,7 +69,8 @@ class Answer:
     prefill_seconds: float
     first_logits: torch.Tensor  # logits of the first generated token (fp32, CPU)
     # seconds of the prefill's parts: "wait" (for the other ranks, before the prefill starts), "vision" (vision
-    # tower, all-gather and embeddings), "lm" (language-model prefill), "first_token" (head, sampling, broadcast)
+    # tower, all-gather and embeddings), "lm" (language-model prefill), "first_token" (head, sampling, broadcast);
+    # with a streamed video also "decode" and "preprocess" (its exposed waits, out of the vision span)
     timings: dict = dataclasses.field(default_factory=dict)
 
 
@@ -92,10 +98,20 @@ class SpavaEngine:
         fused_vision: run the vision tower's attention as one variable-length call.
         simulate_world: run the whole sequence in this process and simulate W ranks with ``reference_attention``
             in the prefill (accuracy studies at any W on one device; decoding is exact, as in the real engine).
+        stream_video: ``video_inputs`` hands over a ``VideoStream`` (decoding starts, nothing waits) and the vision
+            tower encodes this rank's frames chunk by chunk as they decode, hiding the decoding behind the tower.
+            Off by default until a GPU measurement shows it faster (docs/inference.md).
+        stream_chunk_steps: temporal steps of a streamed chunk (default: enough for ``STREAM_CHUNK_PATCHES``
+            patches of the vision tower).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: Optional[SpavaConfig] = None, group=None,
-                 settings: Optional[dict] = None, fused_vision: bool = True, simulate_world: Optional[int] = None):
+                 settings: Optional[dict] = None, fused_vision: bool = True, simulate_world: Optional[int] = None,
+                 stream_video: bool = False, stream_chunk_steps: Optional[int] = None):
+        if stream_chunk_steps is not None and (isinstance(stream_chunk_steps, bool) or
+                                               not isinstance(stream_chunk_steps, int) or stream_chunk_steps < 1):
+            raise ValueError(f"stream_chunk_steps must be a positive integer, got {stream_chunk_steps!r}")
+        self.stream_video, self.stream_chunk_steps = bool(stream_video), stream_chunk_steps
         self.config = config if config is not None else SpavaConfig()
         self.config.check_num_layers(len(text_decoder(model).layers))
         self.group = group
@@ -123,7 +139,8 @@ class SpavaEngine:
     @classmethod
     def from_pretrained(cls, model_dir: str, config: Optional[SpavaConfig] = None, group=None,
                         device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                        fused_vision: bool = True, simulate_world: Optional[int] = None) -> "SpavaEngine":
+                        fused_vision: bool = True, simulate_world: Optional[int] = None, stream_video: bool = False,
+                        stream_chunk_steps: Optional[int] = None) -> "SpavaEngine":
         """Load a local checkpoint of a supported family (``spava_ds.models``, from its config's ``model_type``).
 
         ``device``/``dtype`` default to this rank's GPU in bf16, else the CPU in fp32.
@@ -133,7 +150,8 @@ class SpavaEngine:
 
         model, tokenizer, family = models.load(model_dir, device, dtype)
         settings = load_video_settings(model_dir, getattr(family, "default_video_settings", None))
-        return cls(model, tokenizer, config, group, settings, fused_vision, simulate_world)
+        return cls(model, tokenizer, config, group, settings, fused_vision, simulate_world, stream_video,
+                   stream_chunk_steps)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _stop_ids(self) -> set:
@@ -175,7 +193,8 @@ class SpavaEngine:
         return self.family.video_prompt(video_grid_thw, second_per_grid_t, question, step_times)
 
     def video_inputs(self, video_path: str, question: str, fps: Optional[float] = None,
-                     max_frames: Optional[int] = None, timings: Optional[dict] = None) -> dict:
+                     max_frames: Optional[int] = None, timings: Optional[dict] = None,
+                     stream: Optional[bool] = None) -> dict:
         """The prompt, positions and this rank's patches of a video question.
 
         Every rank plans the video from the container's metadata (``check_video``: the prompt and the positions
@@ -184,6 +203,10 @@ class SpavaEngine:
         ``pixel_values_videos`` holds the rows of the steps ``video_steps``. With W > 1, frames that do not
         decode are reported in ``video_error`` rather than raised here, and every rank raises them together before
         the vision all-gather (``rank_pixels``). ``timings`` (optional) gets the seconds of each part.
+
+        ``stream`` (default: the engine's ``stream_video``; never inside a DataLoader worker): ``pixel_values_videos``
+        is a started ``VideoStream`` instead, encoded as it decodes in ``generate``, where its frames' errors are
+        raised on every rank together; ``timings`` then gets the decoding's exposed waits during ``generate``.
         """
         from .integrations.qwen_vision import temporal_range
         from .video import VideoError, video_pixels
@@ -196,7 +219,15 @@ class SpavaEngine:
         prompt_done = time.perf_counter()
         steps = temporal_range(plan.num_steps, self.rank, self.world)
         # CUDA cannot be used in a (forked) DataLoader worker: preprocess on the CPU there.
-        device = self.device if torch.utils.data.get_worker_info() is None else torch.device("cpu")
+        in_worker = torch.utils.data.get_worker_info() is not None
+        device = self.device if not in_worker else torch.device("cpu")
+        if (self.stream_video if stream is None else stream) and not in_worker:
+            if timings is not None:
+                timings.update(metadata=metadata_done - clock, prompt=prompt_done - metadata_done)
+            source = VideoStream(plan, *steps, device, self._chunk_steps(plan),
+                                 timings if timings is not None else {}).start()
+            return dict(inputs, pixel_values_videos=source, video_plan=plan, video_steps=steps, video_error=None,
+                        frames=len(plan.frame_indices))
         parts = {}
         pixels, error = None, None
         try:
@@ -209,6 +240,11 @@ class SpavaEngine:
             timings.update(metadata=metadata_done - clock, prompt=prompt_done - metadata_done, **parts)
         return dict(inputs, pixel_values_videos=pixels, video_plan=plan, video_steps=steps, video_error=error,
                     frames=len(plan.frame_indices))
+
+    def _chunk_steps(self, plan) -> int:
+        """Temporal steps of a streamed chunk: ``stream_chunk_steps``, else enough for ``STREAM_CHUNK_PATCHES``."""
+        patches = self.family.vision_patches_per_step(plan)
+        return self.stream_chunk_steps or max(1, -(-STREAM_CHUNK_PATCHES // patches))
 
     def text_inputs(self, context: str, question: str) -> dict:
         """A plain text prompt (no chat template): ``context`` (e.g. a long document) then ``question``."""
@@ -289,6 +325,7 @@ class SpavaEngine:
             prefill_seconds = time.perf_counter() - start
             timings = dict(wait=start - waiting, **{name: _elapsed(a, b) for name, a, b in
                                                     zip(("vision", "lm", "first_token"), marks, marks[1:])})
+            _split_stream_waits(timings, inputs.get("pixel_values_videos"))
             tokens = [token]
             if keep_cache:
                 session.decode()
@@ -309,6 +346,14 @@ class SpavaEngine:
     def answer(self, video_path: str, question: str, gen: Optional[GenerationConfig] = None,
                fps: Optional[float] = None, max_frames: Optional[int] = None) -> Answer:
         return self.generate(self.video_inputs(video_path, question, fps, max_frames), gen)
+
+
+def _split_stream_waits(timings: dict, source) -> None:
+    """A streamed video decodes inside the vision span: its exposed waits become the "decode" and "preprocess"
+    parts and "vision" keeps the rest of the span, so the parts still add up to the prefill."""
+    if isinstance(source, VideoStream):
+        waits = {k: source.timings.get(k, 0.0) for k in ("decode", "preprocess")}
+        timings.update(waits, vision=timings["vision"] - sum(waits.values()))
 
 
 def _elapsed(a, b) -> float:

@@ -560,7 +560,8 @@ def _decode_groups(meta: VideoMetadata, groups: List[List[int]], decoders: int, 
                    seek: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
     """`(index, RGB frame)` of every group in order; group g is decoded by decoder g % `decoders`, each in its own
     thread, which may hold one group's frames ahead of the consumer (within _AHEAD_BYTES for all). A seek that
-    misses turns the rest into one decode from the start (as without seeking)."""
+    misses turns the rest into one decode from the start (as without seeking). Yields None first, once the
+    decoders are started."""
     # the decoder of the group being consumed needs no room ahead; the others must keep a whole group each
     frame_bytes = meta.width * meta.height * 3
     ahead = max(2, min(max(map(len, groups)) + 1, _AHEAD_BYTES // (decoders * frame_bytes))) if decoders > 1 else 2
@@ -572,6 +573,7 @@ def _decode_groups(meta: VideoMetadata, groups: List[List[int]], decoders: int, 
         worker.start()
     missed = None
     try:
+        yield None  # the decoders run: `iter_frames` primes this generator so that decoding starts at its call
         for g, wanted in enumerate(groups):
             if (yield from _group_frames(queues[g % decoders], meta, wanted, stats)) == "missed":
                 missed = g
@@ -582,7 +584,9 @@ def _decode_groups(meta: VideoMetadata, groups: List[List[int]], decoders: int, 
             worker.join()
     if missed is not None:
         rest = [index for group in groups[missed:] for index in group]
-        yield from _decode_groups(meta, [rest], 1, decoders * threads, stats, seek=False)
+        from_start = _decode_groups(meta, [rest], 1, decoders * threads, stats, seek=False)
+        next(from_start)
+        yield from from_start
 
 
 def _group_frames(frames: queue.Queue, meta: VideoMetadata, wanted: List[int], stats: dict):
@@ -609,24 +613,33 @@ def iter_frames(meta: VideoMetadata, indices, threads: int | None = None, stats:
     """RGB uint8 `[H, W, 3]` frames of `meta`'s video at the sorted `indices` (repeats yield a frame again), in
     order. The wanted frames are split at keyframes into groups; `decoders` concurrent decoders (each its own
     demuxer and FFmpeg decoder with `threads` frame and slice threads; default: `decoder_layout`) take the groups
-    in turn, each seeking to its group's keyframe and stopping after its last frame. Raises VideoError when a frame
-    the metadata promises does not decode. `stats`, when given, gets "decoded_frames" (how many frames the
-    decoders produced), "decoders" and "decoder_threads" (the layout used)."""
+    in turn, each seeking to its group's keyframe and stopping after its last frame. The decoders start at this
+    call (they work while the caller does something else) and stop when the iterator is closed or dropped.
+    Raises VideoError when a frame the metadata promises does not decode. `stats`, when given, gets
+    "decoded_frames" (how many frames the decoders produced), "decoders" and "decoder_threads" (the layout)."""
     indices = list(indices)
     if not indices:
-        return
+        return _repeated((pair for pair in ()), collections.Counter())
     if indices != sorted(indices) or indices[0] < 0 or indices[-1] >= meta.num_frames:
         raise ValueError(f"frame indices must be sorted within [0, {meta.num_frames}), got {indices[:8]}")
-    wanted = sorted(set(indices))
-    repeats = collections.Counter(indices)
-    groups = _keyframe_groups(meta, wanted)
+    groups = _keyframe_groups(meta, sorted(set(indices)))
     decoders, threads = decoder_layout(len(groups), decoders, threads)
     stats = stats if stats is not None else {}
     stats.setdefault("decoded_frames", 0)
     stats.update(decoders=decoders, decoder_threads=threads)
-    for index, rgb in _decode_groups(meta, groups, decoders, threads, stats):
-        for _ in range(repeats[index]):
-            yield rgb
+    decoded = _decode_groups(meta, groups, decoders, threads, stats)
+    next(decoded)  # starts the decoders; waits for no frame
+    return _repeated(decoded, collections.Counter(indices))
+
+
+def _repeated(decoded: Iterator[Tuple[int, np.ndarray]], repeats: collections.Counter) -> Iterator[np.ndarray]:
+    """Each decoded frame as often as it was asked for; closing this closes the decoders."""
+    try:
+        for index, rgb in decoded:
+            for _ in range(repeats[index]):
+                yield rgb
+    finally:
+        decoded.close()
 
 
 # --------------------------------------------------------------------------------------------------- resizing
@@ -796,48 +809,124 @@ def preprocess_frames(frames: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
     return rows
 
 
+def iter_video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = None, device=None,
+                      chunk_steps: int = 8, threads: int | None = None, timings: dict | None = None,
+                      decoders: int | None = None) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """The patch rows of temporal steps [first_step, stop_step) of `plan`'s video (all by default), float32 on
+    `device` (default CPU), `chunk_steps` steps at a time as they decode: yields `(first, stop, rows)` of steps
+    [first, stop). Only these frames are decoded (`iter_frames`; the decoders start at this call and decode ahead
+    while the caller works on a chunk), then resized, normalised and patchified in torch on `device`.
+
+    `decoders` and `threads` set the decoding (`decoder_layout`). `timings`, when given, is reset here and then gets
+    the seconds the consumer waited: for decoded frames ("decode", RGB conversion and the end-of-video checks
+    included) and for launching the preprocessing ("preprocess": on a GPU its kernels run on asynchronously), and
+    `iter_frames`' stats ("decoded_frames", the decoder layout).
+    """
+    stop_step = plan.num_steps if stop_step is None else stop_step
+    if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+    seconds = timings if timings is not None else {}
+    seconds.update(decode=0.0, preprocess=0.0, decoded_frames=0)
+    frames = iter_frames(plan.metadata, plan.frames_of_steps(first_step, stop_step), threads, seconds, decoders)
+    return _pixel_chunks(plan, frames, range(first_step, stop_step, chunk_steps), stop_step,
+                         torch.device(device if device is not None else "cpu"), seconds)
+
+
+def _pixel_chunks(plan: VideoPlan, frames: Iterator[np.ndarray], starts: range, stop_step: int,
+                  device: torch.device, seconds: dict) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """`iter_video_pixels`' chunks: the decoded frames of each chunk's steps copied into one (page-locked, for a
+    GPU: the copy runs while the next chunk decodes) staging tensor, then `preprocess_frames` on `device`."""
+    meta, tp = plan.metadata, plan.temporal_patch_size
+    try:
+        for first in starts:
+            stop = min(first + starts.step, stop_step)
+            tick = time.perf_counter()
+            staging = torch.empty(((stop - first) * tp, meta.height, meta.width, 3), dtype=torch.uint8,
+                                  pin_memory=device.type == "cuda")
+            for k, rgb in zip(range(staging.shape[0]), frames):
+                staging[k].numpy()[...] = rgb
+            tock = time.perf_counter()
+            rows = preprocess_frames(staging.to(device, non_blocking=True), plan)
+            seconds["decode"] += tock - tick
+            seconds["preprocess"] += time.perf_counter() - tock
+            yield first, stop, rows
+        tick = time.perf_counter()
+        for _ in frames:  # runs the decoder's end-of-video checks (nothing is left to decode)
+            pass
+        seconds["decode"] += time.perf_counter() - tick
+    finally:
+        frames.close()
+
+
+def cat_rows(chunks, plan: VideoPlan, device=None) -> torch.Tensor:
+    """The rows of `iter_video_pixels`' chunks in one tensor (`[0, width]` on `device` for no chunk)."""
+    rows = [rows for _, _, rows in chunks]
+    if rows:
+        return torch.cat(rows)
+    width = 3 * plan.temporal_patch_size * plan.patch_size ** 2
+    return torch.empty((0, width), device=torch.device(device if device is not None else "cpu"))
+
+
 def video_pixels(plan: VideoPlan, first_step: int = 0, stop_step: int | None = None, device=None,
                  threads: int | None = None, chunk_steps: int = 8, timings: dict | None = None,
                  decoders: int | None = None) -> torch.Tensor:
     """The patch rows of temporal steps [first_step, stop_step) of `plan`'s video (all by default), float32 on
-    `device` (default CPU): only these frames are decoded (`iter_frames`), then resized, normalised and patchified
-    in torch on `device`, `chunk_steps` steps at a time (on a GPU this overlaps the decoding of the next chunk).
+    `device` (default CPU): `iter_video_pixels`' chunks in one tensor (on a GPU the preprocessing of a chunk
+    overlaps the decoding of the next).
 
     Equal to the same rows of `preprocess_video(resize_frames(read_video(...)))`, bit for bit, on the CPU and on a
     GPU. `decoders` and `threads` set the decoding (`iter_frames`, `decoder_layout`). `timings`, when given, gets the
     seconds spent waiting for decoded frames ("decode", RGB conversion included) and preprocessing ("preprocess",
     with the wait for the device at the end), and `iter_frames`' stats ("decoded_frames", the decoder layout).
     """
-    stop_step = plan.num_steps if stop_step is None else stop_step
-    device = torch.device(device if device is not None else "cpu")
-    indices = plan.frames_of_steps(first_step, stop_step)
-    meta = plan.metadata
-    chunk = chunk_steps * plan.temporal_patch_size
-    pinned = device.type == "cuda"  # page-locked staging: the copy to the GPU runs while the next chunk decodes
-    seconds = {"decode": 0.0, "preprocess": 0.0, "decoded_frames": 0}
-    frames = iter_frames(meta, indices, threads, seconds, decoders)
-    rows = []
-    for start in range(0, len(indices), chunk):
-        tick = time.perf_counter()
-        n = min(chunk, len(indices) - start)
-        staging = torch.empty((n, meta.height, meta.width, 3), dtype=torch.uint8, pin_memory=pinned)
-        for k, rgb in zip(range(n), frames):
-            staging[k].numpy()[...] = rgb
-        tock = time.perf_counter()
-        rows.append(preprocess_frames(staging.to(device, non_blocking=True), plan))
-        seconds["decode"] += tock - tick
-        seconds["preprocess"] += time.perf_counter() - tock
-    for _ in frames:  # runs the decoder's end-of-video checks (nothing is left to decode)
-        pass
-    tick = time.perf_counter()
-    width = 3 * plan.temporal_patch_size * plan.patch_size ** 2
-    out = torch.cat(rows) if rows else torch.empty((0, width), device=device)
+    seconds = {}
+    out = cat_rows(iter_video_pixels(plan, first_step, stop_step, device, chunk_steps, threads, seconds, decoders),
+                   plan, device)
     if timings is not None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        tick = time.perf_counter()
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
         seconds["preprocess"] += time.perf_counter() - tick
         timings.update(seconds)
     return out
+
+
+@dataclasses.dataclass(eq=False)
+class VideoStream:
+    """A rank's patch rows of temporal steps [first_step, stop_step) of `plan`'s video, chunk by chunk as they
+    decode (`iter_video_pixels`): what `SpavaEngine.video_inputs` hands the vision tower with streaming on, so that
+    the tower encodes a chunk while the next one decodes. `start()` starts the decoders at once; iterating yields
+    `(first, stop, rows)`, and iterating again decodes again. `timings` gets the exposed waits of the last pass."""
+    plan: VideoPlan
+    first_step: int
+    stop_step: int
+    device: torch.device
+    chunk_steps: int = 8
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self._started = None
+
+    def _chunks(self):
+        return iter_video_pixels(self.plan, self.first_step, self.stop_step, self.device, self.chunk_steps,
+                                 timings=self.timings)
+
+    def start(self) -> "VideoStream":
+        """Start decoding now (the first pass takes these chunks)."""
+        self._started = self._chunks()
+        return self
+
+    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        chunks, self._started = self._started, None
+        return chunks if chunks is not None else self._chunks()
+
+    def for_steps(self, first_step: int, stop_step: int) -> "VideoStream":
+        """The same video's steps [first_step, stop_step), not started, sharing `timings`."""
+        return VideoStream(self.plan, first_step, stop_step, self.device, self.chunk_steps, self.timings)
+
+    def pixels(self) -> torch.Tensor:
+        """Every row of the stream in one tensor (what the non-streamed path holds)."""
+        return cat_rows(self, self.plan, self.device)
 
 
 @functools.lru_cache(maxsize=1)

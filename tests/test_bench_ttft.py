@@ -35,9 +35,9 @@ def _rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_ttft_rows(rows, methods, gpus):
+def _check_ttft_rows(rows, methods, gpus, pipelines=("new", "today")):
     ttft = {(r["method"], r["pipeline"]): r for r in rows if r["kind"] == "ttft"}
-    assert set(ttft) == {(m, p) for m in methods for p in ("new", "today")}
+    assert set(ttft) == {(m, p) for m in methods for p in pipelines}
     for (method, pipeline), r in ttft.items():
         assert r["status"] == "ok" and r["gpus"] == (1 if method == "dense" else gpus)
         assert len(r["parts_per_rank"]) == r["gpus"]
@@ -46,7 +46,7 @@ def _check_ttft_rows(rows, methods, gpus):
             assert abs(parts["wall"] - total) <= 0.1 * parts["wall"] + 0.03, (method, pipeline, parts)
             assert parts["decode"] > 0 and parts["vision"] > 0 and parts["lm"] > 0
         assert r["ttft"] >= max(p["wall"] for p in r["parts_per_rank"]) * 0.5
-        assert (r["parts"]["metadata"] > 0) == (pipeline == "new")  # today's path reads no separate metadata
+        assert (r["parts"]["metadata"] > 0) == (pipeline != "today")  # today's path reads no separate metadata
         assert r["first_token"] == ttft[(method, "today")]["first_token"], method
     return ttft
 
@@ -56,10 +56,10 @@ def test_bench_ttft_tiny_one_process(tmp_path, capsys):
     bench = _load_script()
     out, videos = str(tmp_path / "ttft.jsonl"), str(tmp_path / "videos")
     args = ["--tiny", "--out", out, "--video-dir", videos, "--share-worlds", "2", "3", "--iters", "1",
-            "--decoder-counts", "1", "3"]
+            "--decoder-counts", "1", "3", "--pipelines", "new", "streamed", "today"]
     assert bench.main(args) == 0
     rows = _rows(out)
-    _check_ttft_rows(rows, ["dense"], 1)
+    _check_ttft_rows(rows, ["dense"], 1, ("new", "streamed", "today"))
     shares = {r["world"]: r for r in rows if r["kind"] == "share"}
     assert sorted(shares) == [2, 3]
     for world, r in shares.items():
@@ -94,8 +94,10 @@ def _run_main(rank, world, args):
 def test_bench_ttft_tiny_two_processes(tmp_path):
     out = str(tmp_path / "ttft2.jsonl")
     args = ["--tiny", "--out", out, "--video-dir", str(tmp_path / "videos"), "--iters", "1", "--warmup", "0",
-            "--methods", "dense", "spava", "ring"]
+            "--methods", "dense", "spava", "ring", "--pipelines", "new", "streamed", "today"]
     assert run_distributed(_run_main, 2, args) == [0, 0]
-    ttft = _check_ttft_rows(_rows(out), ["dense", "spava", "ring"], 2)
+    ttft = _check_ttft_rows(_rows(out), ["dense", "spava", "ring"], 2, ("new", "streamed", "today"))
+    assert ttft[("spava", "streamed")]["logit_max_abs_diff_vs_dense"] == \
+        pytest.approx(ttft[("spava", "new")]["logit_max_abs_diff_vs_dense"], abs=1e-5)
     assert ttft[("ring", "new")]["first_token"] == ttft[("dense", "new")]["first_token"]  # ring is exact
     assert ttft[("ring", "new")]["logit_max_abs_diff_vs_dense"] < 1e-4

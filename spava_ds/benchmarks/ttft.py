@@ -1,6 +1,7 @@
 """The time-to-first-token benchmark's measurement (``launch/bench_ttft.py``): the cached benchmark videos (natural-
-looking H.264, ``spava_ds.video.natural_frames``), one run from the file to the first token by either pipeline
-(``new``: each rank decodes and preprocesses its own frames; ``today``: every rank decodes the whole video), the
+looking H.264, ``spava_ds.video.natural_frames``), one run from the file to the first token by a pipeline
+(``new``: each rank decodes and preprocesses its own frames; ``streamed``: the same, its vision tower encoding each
+chunk as it decodes; ``today``: every rank decodes the whole video), the
 one-rank shares and the decoders' scaling, and the sweep over models, videos, methods and pipelines, resumed from
 the JSON-lines results file."""
 
@@ -19,7 +20,7 @@ from .records import append_jsonl, read_jsonls
 from .timing import agree, gather_floats, log
 
 METHODS = ["dense", "spava", "ring", "ulysses", "apb", "star"]
-PIPELINES = ["new", "today"]
+PIPELINES = ["new", "streamed", "today"]
 PARTS = ["metadata", "prompt", "decode", "preprocess", "wait", "vision", "lm", "first_token"]
 QUESTION = "What is in this video?"
 QWEN_VIDEO = dict(fps=2.0, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)  # Qwen2.5-VL's video defaults
@@ -93,8 +94,8 @@ def ttft_run(engine, path: str, pipeline: str) -> dict:
         torch.cuda.synchronize(engine.device)
     start = time.perf_counter()
     parts: Dict[str, float] = {}
-    if pipeline == "new":
-        inputs = engine.video_inputs(path, QUESTION, timings=parts)
+    if pipeline in ("new", "streamed"):  # streamed: decode/preprocess are the waits inside the tower's span
+        inputs = engine.video_inputs(path, QUESTION, timings=parts, stream=pipeline == "streamed")
     else:
         inputs = todays_inputs(engine, path, QUESTION, parts)
     answer = engine.generate(inputs, GenerationConfig(max_new_tokens=1))

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from ..comm import gather_rows, group_rank_size
 
 __all__ = [
-    "frame_parallel_vision", "frame_parallel_forward", "video_features", "rank_pixels",
+    "frame_parallel_vision", "frame_parallel_forward", "frame_parallel_stream", "video_features", "rank_pixels",
+    "rank_stream",
     "vision_fields", "temporal_shares", "temporal_range", "encode_video",
     "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
     "varlen_attention", "available_backends", "BACKENDS",
@@ -147,13 +148,56 @@ def frame_parallel_forward(forward, pixel_values: torch.Tensor, grid_thw: torch.
     local_grid = torch.tensor(mine.grid_thw, dtype=grid_thw.dtype, device=grid_thw.device)
     own = pixel_values if pixel_values.shape[0] == own_rows else pixel_values[mine.rows[0]:mine.rows[1]]
     out = forward(own, grid_thw=local_grid, **kwargs)
-    fields = vision_fields(out)
-    counts = [s.tokens[1] - s.tokens[0] for s in slices]
+    return _with_fields(out, _gather_fields(vision_fields(out), [s.tokens[1] - s.tokens[0] for s in slices], group))
+
+
+def _gather_fields(fields: Sequence[torch.Tensor], counts: List[int], group) -> List[torch.Tensor]:
+    """Every rank's per-token ``fields`` (``counts[r]`` rows on rank r), in rank order, in one all-gather: the
+    fields travel side by side in the hidden dimension."""
+    rank = group_rank_size(group)[0]
     if fields[0].shape[0] != counts[rank]:
         raise RuntimeError(f"the vision tower returned {fields[0].shape[0]} rows for {counts[rank]} merged tokens")
-    # One all-gather for every field: they are side by side in the hidden dimension.
     gathered = gather_rows(torch.cat(fields, dim=-1) if len(fields) > 1 else fields[0], counts, group)
-    return _with_fields(out, torch.split(gathered, [f.shape[-1] for f in fields], dim=-1))
+    return list(torch.split(gathered, [f.shape[-1] for f in fields], dim=-1))
+
+
+def frame_parallel_stream(encode_steps, chunks, num_steps: int, tokens_per_step: int,
+                          group: Optional[dist.ProcessGroup] = None) -> List[torch.Tensor]:
+    """The per-token fields (``vision_fields`` order) of a whole video on every rank of ``group``, each rank running
+    its vision tower on its ``temporal_range`` chunk by chunk as the frames decode, then one all-gather (as
+    ``frame_parallel_forward``): the tower's attention never crosses a temporal step, so the chunks' features are
+    the steps' features, and the tower's work on one chunk hides the decoding of the next.
+
+    ``chunks`` yields ``(first, stop, rows)`` of this rank's steps in order (a ``video.VideoStream``);
+    ``encode_steps(rows, first, stop)`` returns the fields of steps ``[first, stop)`` on this device (no
+    collective); a step gives ``tokens_per_step`` rows of each field. A chunk that fails to decode (``VideoError``)
+    makes every rank raise it together (``raise_if_any_rank_failed``) before the all-gather, so none waits in it.
+    """
+    from ..comm import raise_if_any_rank_failed
+    from ..video import VideoError
+
+    rank, world = group_rank_size(group)
+    if num_steps < world:
+        raise ValueError(f"frame-parallel vision over {world} ranks needs at least {world} temporal steps, "
+                         f"got {num_steps}")
+    first, stop = temporal_range(num_steps, rank, world)
+    parts, error, expected = [], None, first
+    try:
+        for begin, end, rows in chunks:
+            if begin != expected or not begin < end <= stop:
+                raise ValueError(f"rank {rank} of {world} encodes steps [{first}, {stop}) in order; a chunk gave "
+                                 f"steps [{begin}, {end}) after step {expected}")
+            parts.append(encode_steps(rows, begin, end))
+            expected = end
+    except VideoError as err:
+        error = str(err)
+    raise_if_any_rank_failed(error, group, VideoError)
+    if expected != stop:
+        raise ValueError(f"rank {rank} of {world} encodes steps [{first}, {stop}); the chunks stopped at {expected}")
+    fields = [torch.cat(field) for field in zip(*parts)]
+    if world == 1:
+        return fields
+    return _gather_fields(fields, [n * tokens_per_step for n in temporal_shares(num_steps, world)], group)
 
 
 def frame_parallel_vision(visual, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
@@ -183,20 +227,33 @@ def rank_pixels(inputs: dict, group: Optional[dist.ProcessGroup] = None, device:
     so no rank waits for one that failed in the all-gather that follows.
     """
     from ..comm import raise_if_any_rank_failed
-    from ..video import VideoError, video_pixels
+    from ..video import VideoError, VideoStream, video_pixels
 
     rank, world = group_rank_size(group)
     steps = int(inputs["video_grid_thw"][:, 0].sum())
     first, stop = temporal_range(steps, rank, world)
     held = tuple(inputs.get("video_steps") or (0, steps))
     pixels, error = inputs["pixel_values_videos"], inputs.get("video_error")
-    if error is None and held not in ((first, stop), (0, steps)):
+    streamed = isinstance(pixels, VideoStream)
+    if error is None and (streamed or held not in ((first, stop), (0, steps))):
         try:
-            pixels = video_pixels(inputs["video_plan"], first, stop, device)
+            pixels = rank_stream(inputs, group).pixels() if streamed else \
+                video_pixels(inputs["video_plan"], first, stop, device)
         except VideoError as err:
             error = str(err)
     raise_if_any_rank_failed(error, group, VideoError)
     return pixels.to(device, dtype) if device is not None or dtype is not None else pixels
+
+
+def rank_stream(inputs: dict, group: Optional[dist.ProcessGroup] = None):
+    """The ``video.VideoStream`` of this rank's ``temporal_range`` from the stream in ``inputs["pixel_values_videos"]``
+    (``SpavaEngine.video_inputs`` with streaming on): that one when it holds these steps, else a new one (inputs made
+    for another world size, e.g. the dense check of a W-rank job)."""
+    stream = inputs["pixel_values_videos"]
+    rank, world = group_rank_size(group)
+    first, stop = temporal_range(int(inputs["video_grid_thw"][:, 0].sum()), rank, world)
+    same = (stream.first_step, stream.stop_step) == (first, stop)
+    return stream if same else stream.for_steps(first, stop)
 
 
 def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = None,

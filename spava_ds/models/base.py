@@ -14,8 +14,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrations.qwen_vision import rank_pixels
+from ..integrations.qwen_vision import frame_parallel_stream, rank_pixels, rank_stream
 from ..integrations.transformers import text_decoder
+from ..video import VideoStream
 
 # Splits a rendered chat prompt between the context and the question (never a token of any vocabulary we know).
 _QUESTION_MARK = "\u2063SPAVA-QUESTION\u2063"
@@ -192,9 +193,35 @@ class VideoFamily(ModelFamily):
 
     def encode(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
         """The visual features of the video of ``inputs`` (``SpavaEngine.video_inputs``) on every rank of ``group``:
-        this rank's frames (``rank_pixels``: decoded if the inputs hold another rank's) through ``encode_pixels``."""
+        this rank's frames (``rank_pixels``: decoded if the inputs hold another rank's) through ``encode_pixels``,
+        or, when the inputs hold a ``VideoStream``, chunk by chunk as they decode (``encode_stream``)."""
+        if isinstance(inputs.get("pixel_values_videos"), VideoStream):
+            return self.encode_stream(inputs, group, device, dtype)
         pixels = self.model_pixels(rank_pixels(inputs, group, device, dtype))
         return self.encode_pixels(pixels, inputs["video_grid_thw"].to(pixels.device), group)
+
+    def encode_stream(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
+        """``encode`` of streamed inputs: this rank's ``VideoStream`` (``rank_stream``) through the vision tower a
+        chunk at a time (``encode_steps`` on the chunk's grid), then one all-gather (``frame_parallel_stream``)."""
+        grid = inputs["video_grid_thw"]
+        steps, height, width = (int(v) for v in grid[0])
+        groups, per_group = self.group_tokens(grid)
+
+        def encode_steps(rows: torch.Tensor, first: int, stop: int) -> List[torch.Tensor]:
+            pixels = self.model_pixels(rows.to(device, dtype))
+            return self.encode_steps(pixels, torch.tensor([[stop - first, height, width]], device=pixels.device))
+
+        return frame_parallel_stream(encode_steps, rank_stream(inputs, group), steps, groups * per_group // steps,
+                                     group)
+
+    def encode_steps(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> List[torch.Tensor]:
+        """The vision tower on some temporal steps of a video (``model_pixels`` of their rows, ``grid_thw`` of those
+        steps alone), on this device: ``[features, *extra per-token fields]``, as ``encode_pixels`` lists them."""
+        raise NotImplementedError
+
+    def vision_patches_per_step(self, plan) -> int:
+        """The vision tower's patches in one temporal step of ``plan`` (what sizes a streamed chunk)."""
+        return plan.rows_per_step
 
     def encode_pixels(self, pixels: torch.Tensor, grid_thw: torch.Tensor, group=None) -> List[torch.Tensor]:
         """The features of a video of grid ``grid_thw`` from every pixel or this rank's (``model_pixels`` shape),

@@ -94,6 +94,12 @@ class InternVLFamily(VideoFamily):
         return [frame_parallel_images(self.model.model.get_image_features, pixels, frames, group)
                 .pooler_output.flatten(0, 1)]
 
+    def encode_steps(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> List[torch.Tensor]:
+        return [self.model.model.get_image_features(pixel_values=pixels).pooler_output.flatten(0, 1)]
+
+    def vision_patches_per_step(self, plan) -> int:
+        return (self.frame_size // self.config.vision_config.patch_size[0]) ** 2  # ViT patches of one tile
+
     def vision_modules(self) -> List[torch.nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 

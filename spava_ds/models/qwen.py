@@ -88,6 +88,9 @@ class Qwen2_5_VLFamily(VideoFamily):
         visual = self.model.model.visual
         return vision_fields(frame_parallel_forward(visual, pixels, grid_thw, group, visual.config))
 
+    def encode_steps(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> List[torch.Tensor]:
+        return vision_fields(self.model.model.visual(pixels, grid_thw=grid_thw))
+
     def vision_modules(self) -> List[torch.nn.Module]:
         return [self.model.model.visual]  # the ViT and its merger
 
