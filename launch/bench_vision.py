@@ -24,14 +24,14 @@ import torch.distributed as dist
 
 from spava_ds import entry
 from spava_ds.integrations import qwen_vision as qv
+from spava_ds.models.shapes import PUBLISHED_SHAPES
 
-# Qwen2.5-VL-3B / 7B vision towers: identical ViTs, the merger projects to the language model's hidden size.
-REAL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
-                   temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                   fullatt_block_indexes=[7, 15, 23, 31])
+# Qwen2.5-VL-3B / 7B vision towers (models.shapes): identical ViTs, the merger projects to the language model's
+# hidden size.
 TINY_VISION = dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, patch_size=14,
                    temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1, 3])
-OUT_HIDDEN = {"3b": 2048, "7b": 3584, "tiny": 64}
+OUT_HIDDEN = {"3b": PUBLISHED_SHAPES["3b"].text["hidden_size"], "7b": PUBLISHED_SHAPES["7b"].text["hidden_size"],
+              "tiny": 64}
 
 
 def qwen_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
@@ -53,7 +53,7 @@ def build_visual(shape: str, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    vision = dict(TINY_VISION if shape == "tiny" else REAL_VISION, out_hidden_size=OUT_HIDDEN[shape])
+    vision = dict(TINY_VISION if shape == "tiny" else PUBLISHED_SHAPES[shape].vision, out_hidden_size=OUT_HIDDEN[shape])
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=dict(hidden_size=OUT_HIDDEN[shape]))
     config.vision_config._attn_implementation = "sdpa"   # transformers' per-window path: the baseline
     with torch.device("meta"):

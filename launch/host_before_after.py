@@ -29,8 +29,11 @@ import tempfile
 import time
 from typing import Dict, List
 
+from spava_ds.models.shapes import PUBLISHED_SHAPES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"3b": (16, 2), "7b": (28, 4)}  # query heads, KV heads (head_dim 128)
+SHAPES = {name: (PUBLISHED_SHAPES[name].heads, PUBLISHED_SHAPES[name].kv_heads)  # query heads, KV heads
+          for name in ("3b", "7b")}
 
 
 def plan_runs(shapes: List[str], repeats: int) -> List[tuple]:

@@ -32,6 +32,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from spava_ds import SpavaConfig, ZigzagLayout, entry
+from spava_ds.models.shapes import PUBLISHED_SHAPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,8 @@ class Shape:
     query: int = 48  # query tokens (question + assistant prefix)
 
 
-SHAPES = {"7b": Shape("Qwen2.5-VL-7B", 28, 4, 128, 28), "3b": Shape("Qwen2.5-VL-3B", 16, 2, 128, 36)}
+SHAPES = {name: Shape(s.label, s.heads, s.kv_heads, s.head_dim, s.layers)
+          for name, s in ((name, PUBLISHED_SHAPES[name]) for name in ("7b", "3b"))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,51 +24,44 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 from typing import Dict, Optional
 
 import torch
 
-# The published Qwen2.5-VL configs (Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct, config.json): the language model
-# differs, the vision tower is the same 32-layer ViT with a merger to the language model's width.
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-               hidden_act="silu")
-_TOKENS = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
-               image_token_id=151655, video_token_id=151656)
-_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
-MODEL_SHAPES: Dict[str, dict] = {
-    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-               vision=dict(_VISION, out_hidden_size=2048), tokens=_TOKENS),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-               vision=dict(_VISION, out_hidden_size=3584), tokens=_TOKENS),
-    # Tests: every structural feature of the real shapes (GQA, M-RoPE sections, windowed and full vision layers);
-    # 12 query and 6 KV heads split over 2 and 3 ranks for the head-parallel modes.
-    "tiny": dict(text=dict(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=12,
-                           num_key_value_heads=6, vocab_size=512, tie_word_embeddings=True),
-                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                             out_hidden_size=192, hidden_act="silu"),
-                 tokens=dict(bos_token_id=0, eos_token_id=2, vision_start_token_id=3, vision_end_token_id=4,
-                             image_token_id=5, video_token_id=6)),
+from .models.shapes import PUBLISHED_SHAPES, ModelShape
+
+# Qwen2.5-VL-3B/7B's published configs (``models.shapes``), and ``tiny`` for tests: every structural feature of the
+# real shapes (GQA, M-RoPE sections, windowed and full vision layers); 12 query and 6 KV heads split over 2 and 3
+# ranks for the head-parallel modes.
+MODEL_SHAPES: Dict[str, ModelShape] = {
+    "3b": PUBLISHED_SHAPES["3b"],
+    "7b": PUBLISHED_SHAPES["7b"],
+    "tiny": ModelShape("tiny Qwen2.5-VL", "qwen2_5_vl", text=dict(
+        hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=6,
+        vocab_size=512, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], hidden_act="silu"),
+        tie_word_embeddings=True, tokens=dict(bos_token_id=0, eos_token_id=2, vision_start_token_id=3,
+                                              vision_end_token_id=4, image_token_id=5, video_token_id=6)),
 }
 
 
 def shape_config(shape: str):
-    """The ``Qwen2_5_VLConfig`` of a named shape (``MODEL_SHAPES``)."""
+    """The ``Qwen2_5_VLConfig`` of a named shape (``MODEL_SHAPES``), with the checkpoint's token ids and tying."""
     from transformers import Qwen2_5_VLConfig
 
     if shape not in MODEL_SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known shapes: {sorted(MODEL_SHAPES)}")
     spec = MODEL_SHAPES[shape]
-    text = dict(spec["text"], rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=1 << 21,
-                rope_parameters=dict(_ROPE, mrope_section=[2, 3, 3]) if shape == "tiny" else dict(_ROPE),
-                bos_token_id=spec["tokens"]["bos_token_id"], eos_token_id=spec["tokens"]["eos_token_id"])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(spec["vision"]),
-                            tie_word_embeddings=spec["text"]["tie_word_embeddings"], **spec["tokens"])
+    text = dict(copy.deepcopy(spec.text), rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=1 << 21,
+                tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=spec.tokens["bos_token_id"],
+                eos_token_id=spec.tokens["eos_token_id"])
+    vision = dict(copy.deepcopy(spec.vision), out_hidden_size=spec.text["hidden_size"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_word_embeddings,
+                            **spec.tokens)
 
 
 def measurement_config(path: str):

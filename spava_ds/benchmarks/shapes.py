@@ -3,49 +3,27 @@ Qwen3-VL-8B), the embedded tiny checkpoint and tiny random models of the other f
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from ..models.shapes import PUBLISHED_SHAPES
 from . import tiny
 
-# Shapes of the published checkpoints (text: language model; vision: tower), random weights. The family picks the
-# transformers class (spava_ds.models); the special tokens come from the tiny tokenizer of the family.
-QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                     temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
-SHAPES = {
-    "3b": dict(family="qwen2_5_vl", vision=QWEN25_VISION, text=dict(
-        num_hidden_layers=36, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008,
-        vocab_size=151936, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})),
-    "7b": dict(family="qwen2_5_vl", vision=QWEN25_VISION, text=dict(
-        num_hidden_layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
-        vocab_size=152064, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})),
-    # InternVL3-2B: InternViT-300M (448x448 tiles, 256 tokens a frame) + Qwen2.5-1.5B
-    "internvl3-2b": dict(family="internvl", vision=dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=[448, 448],
-        patch_size=[14, 14]), text=dict(
-        num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
-        vocab_size=151674, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    # Qwen3-VL-8B: 27-block ViT with DeepStack taps at 8, 16, 24 + Qwen3-8B (interleaved M-RoPE)
-    "qwen3-vl-8b": dict(family="qwen3_vl", vision=dict(
-        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, temporal_patch_size=2,
-        spatial_merge_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]), text=dict(
-        num_hidden_layers=36, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        intermediate_size=12288, vocab_size=151936,
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
-                         "mrope_interleaved": True})),
-}
+# The published checkpoints' shapes (``models.shapes``), random weights. The family picks the transformers class
+# (spava_ds.models); the special tokens come from the tiny tokenizer of the family.
+SHAPES = PUBLISHED_SHAPES
 
 
 TINY_FAMILIES = {"tiny-qwen3-vl": "qwen3_vl", "tiny-internvl": "internvl"}  # CPU runs of the other families
-SHAPE_LABELS = {"3b": "Qwen2.5-VL-3B", "7b": "Qwen2.5-VL-7B", "internvl3-2b": "InternVL3-2B",
-                "qwen3-vl-8b": "Qwen3-VL-8B", "tiny": "tiny Qwen2.5-VL", "tiny-qwen3-vl": "tiny Qwen3-VL",
-                "tiny-internvl": "tiny InternVL3"}
+SHAPE_LABELS = {**{name: shape.label for name, shape in SHAPES.items()}, "tiny": "tiny Qwen2.5-VL",
+                "tiny-qwen3-vl": "tiny Qwen3-VL", "tiny-internvl": "tiny InternVL3"}
 
 
 def shape_tokenizer(shape: str):
     """The tiny tokenizer of the shape's family (its special tokens and chat template): prompts only need these.
     ``shape``: one of ``SHAPES``, ``tiny`` (the embedded checkpoint) or one of ``TINY_FAMILIES``."""
-    family = TINY_FAMILIES.get(shape) or (None if shape == "tiny" else SHAPES[shape]["family"])
+    family = TINY_FAMILIES.get(shape) or (None if shape == "tiny" else SHAPES[shape].family)
     spec = tiny.FAMILIES.get(family)
     if spec is None:  # Qwen2.5-VL: the embedded checkpoint's tokenizer
         return tiny.build_tokenizer()
@@ -59,14 +37,17 @@ def build_config(shape: str, tokenizer):
     spec = SHAPES[shape]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
            ("<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    text = dict(spec["text"], max_position_embeddings=262144, rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"])
-    if spec["family"] == "internvl":
-        return InternVLConfig(vision_config=spec["vision"], text_config=dict(text, model_type="qwen2"),
+    # tie_word_embeddings is left to each config class (untied for Qwen2.5-VL, also at 3B whose checkpoint ties them):
+    # the benchmarks' models have always been built so
+    text = dict(copy.deepcopy(spec.text), max_position_embeddings=262144, rms_norm_eps=1e-6,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = copy.deepcopy(spec.vision)
+    if spec.family == "internvl":
+        return InternVLConfig(vision_config=vision, text_config=dict(text, model_type="qwen2"),
                               image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=256,
                               downsample_ratio=0.5, tie_word_embeddings=False)
-    config_class = Qwen3VLConfig if spec["family"] == "qwen3_vl" else Qwen2_5_VLConfig
-    return config_class(text_config=text, vision_config=dict(spec["vision"], out_hidden_size=text["hidden_size"]),
+    config_class = Qwen3VLConfig if spec.family == "qwen3_vl" else Qwen2_5_VLConfig
+    return config_class(text_config=text, vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
                         video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                         eos_token_id=ids["<|im_end|>"])
