@@ -23,21 +23,29 @@ from typing import Dict, List, Tuple
 import torch
 
 
-class _Stamp:
-    """A point on the timeline of ``device``: a CUDA event, or the wall clock on the CPU."""
+class Clock:
+    """Marks on the timeline of ``device`` and the seconds between two of them: CUDA events recorded on the current
+    stream on a GPU, ``time.perf_counter`` on the CPU. ``StepTimer`` and the benchmarks (``benchmarks.timing``) both
+    time with it."""
 
     def __init__(self, device: torch.device):
-        self.event = None
-        if device.type == "cuda":
-            self.event = torch.cuda.Event(enable_timing=True)
-            self.event.record()
-        else:
-            self.wall = time.perf_counter()
+        self.cuda = device.type == "cuda"
+        self.device = device
 
-    def seconds_to(self, later: "_Stamp") -> float:
-        if self.event is not None:
-            return self.event.elapsed_time(later.event) / 1e3
-        return later.wall - self.wall
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        """Seconds from mark ``a`` to mark ``b`` (on a GPU, after ``sync``)."""
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
 
 class StepTimer:
@@ -45,18 +53,19 @@ class StepTimer:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
+        self.clock = Clock(self.device)
         self.in_backward = False
         self.reset()
 
     def reset(self) -> None:
-        self._spans: List[Tuple[str, _Stamp, _Stamp]] = []
-        self._open: Dict[str, List[_Stamp]] = collections.defaultdict(list)
+        self._spans: List[Tuple[str, object, object]] = []  # (phase, start mark, stop mark) of self.clock
+        self._open: Dict[str, List[object]] = collections.defaultdict(list)
 
     def start(self, name: str) -> None:
-        self._open[name].append(_Stamp(self.device))
+        self._open[name].append(self.clock.mark())
 
     def stop(self, name: str) -> None:
-        self._spans.append((name, self._open[name].pop(), _Stamp(self.device)))
+        self._spans.append((name, self._open[name].pop(), self.clock.mark()))
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -81,11 +90,10 @@ class StepTimer:
 
     def seconds(self) -> Dict[str, float]:
         """Total seconds per phase (waits for the device)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.clock.sync()
         total: Dict[str, float] = collections.defaultdict(float)
         for name, start, stop in self._spans:
-            total[name] += start.seconds_to(stop)
+            total[name] += self.clock.seconds(start, stop)
         return dict(total)
 
 

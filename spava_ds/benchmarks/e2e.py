@@ -14,8 +14,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..step_timer import Clock
 from .shapes import load_model
-from .timing import Clock, agree, free_memory, gather_floats, log
+from .timing import agree, free_memory, gather_floats, log
 
 RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 DEFAULT_CONTEXTS = [131072, 65536, 32768, 16384]

@@ -13,13 +13,14 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..step_timer import Clock
 from .e2e import (ALL_METHODS, DEFAULT_CONTEXTS, MESH_METHODS, SHARE_METHODS, Route, Runner, case_key,
                   install_cpu_cp_shim, make_case, measure, measure_with_fallback, parse_context, plan_size,
                   prepare_model)
 from .e2e_report import tables
 from .records import Results
 from .shapes import shape_tokenizer
-from .timing import Clock, agree, free_memory, gather_floats, log, peak_gib
+from .timing import agree, free_memory, gather_floats, log, peak_gib
 
 
 @dataclasses.dataclass

@@ -1,10 +1,9 @@
-"""Timing and agreement across ranks for the benchmarks: a clock (CUDA events on GPUs, the wall clock on the CPU,
-where every op is synchronous), the slowest rank's value, memory peaks, and rank 0's log."""
+"""Agreement across ranks for the benchmarks: the slowest rank's value, every rank's values, memory peaks, and rank
+0's log. The benchmarks time with ``step_timer.Clock`` (CUDA events on GPUs, the wall clock on the CPU)."""
 
 from __future__ import annotations
 
 import gc
-import time
 from typing import List
 
 import torch
@@ -15,28 +14,6 @@ def log(*a) -> None:
     """Print on rank 0 only (or without a process group), flushed."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, flush=True)
-
-
-class Clock:
-    """Marks and the seconds between two of them: CUDA events on a GPU, ``time.perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
 
 def agree(value: float, device, op=dist.ReduceOp.MAX) -> float:
