@@ -64,13 +64,9 @@ import torch
 import torch.distributed as dist
 
 from spava_ds.benchmarks.records import append_jsonl, read_jsonls
-from spava_ds.models import family_of
 from spava_ds.step_timer import StepTimer
-from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,
-                                  apply_memory_options, build_model, measurement_config, memory_options,
-                                  model_dtype, trainable_parameters)
-from spava_ds.training import DEEPSPEED_ULYSSES, VideoQAModel, synthetic_sample, train_step
-from spava_ds.training import training_attn_implementation
+from spava_ds.train_model import MODEL_SHAPES, MemoryOptions, add_memory_arguments, measurement_config, memory_options
+from spava_ds.training import DEEPSPEED_ULYSSES, build_video_qa, start_deepspeed, synthetic_sample, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["spava", "ring", "ulysses", DEEPSPEED_ULYSSES]
@@ -200,16 +196,9 @@ def join_world(args, world: Optional[int]):
 
 def setup(args, source: str, device: torch.device):
     """``(engine, qa)``: the model under DeepSpeed, every rank of the world one sequence-parallel group."""
-    import deepspeed
-
     ds, spava = measurement_config(args.config)
-    model, zero3_handle = build_model(source, model_dtype(ds), device, training_attn_implementation(), ds)
-    apply_memory_options(model, args.memory)
-    if args.fused_vision:
-        family_of(model).fuse_vision_attention()
-    qa = VideoQAModel(model, spava, options=args.memory)
-    engine, *_ = deepspeed.initialize(model=qa, model_parameters=trainable_parameters(qa), config=ds)
-    del zero3_handle
+    qa, zero3_handle = build_video_qa(source, ds, device, spava, memory=args.memory, fused_vision=args.fused_vision)
+    engine = start_deepspeed(qa, ds, zero3_handle)
     qa.set_group(None)
     qa.train()
     return engine, qa

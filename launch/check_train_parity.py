@@ -37,14 +37,15 @@ import torch
 import torch.distributed as dist
 
 from spava_ds import SpavaConfig
-from spava_ds.train_model import (MODEL_SHAPES, build_model, measurement_config, model_dtype,
-                                  trainable_parameters)
-from spava_ds.training import (VideoQAModel, sequence_loss, sp_group, synthetic_sample, train_step,
-                              training_attn_implementation)
+from spava_ds.train_model import MODEL_SHAPES, build_model, measurement_config, model_dtype
+from spava_ds.training import (build_video_qa, sequence_loss, sp_group, start_deepspeed, synthetic_sample,
+                               train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ["transformers", "eager", "ring", "ulysses"]
 SP_RUNS = ("ring", "ulysses")  # the runs with sequence parallelism over --world ranks
+# the runs of transformers' own training: the attention implementation each builds its model with
+TRANSFORMERS_ATTN = {"transformers": "sdpa", "eager": {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,19 +98,19 @@ class TransformersLoss(torch.nn.Module):
 
 def train(run: str, args, device: torch.device) -> List[Dict[str, float]]:
     """Loss and gradient norm of every step of one run."""
-    import deepspeed
-
     ds, _ = measurement_config(args.config)
     ds["optimizer"]["params"]["lr"] = args.lr
-    attn = {"transformers": "sdpa", "eager": {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}}
-    torch.manual_seed(args.seed)  # the same initial weights in every run
-    model, handle = build_model(args.shape, model_dtype(ds), device, attn.get(run) or training_attn_implementation(),
-                                ds)
     sp = args.world if run in SP_RUNS else 1
     group = sp_group(sp)  # comm.SELF at 1
-    module = TransformersLoss(model) if run in attn else VideoQAModel(model, SpavaConfig(mode=run), group)
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable_parameters(module), config=ds)
-    del handle
+    torch.manual_seed(args.seed)  # the same initial weights in every run
+    if run in TRANSFORMERS_ATTN:
+        model, zero3_handle = build_model(args.shape, model_dtype(ds), device, TRANSFORMERS_ATTN[run], ds)
+        module = TransformersLoss(model)
+    else:
+        module, zero3_handle = build_video_qa(args.shape, ds, device, SpavaConfig(mode=run), group)
+        model = module.model
+    engine = start_deepspeed(module, ds, zero3_handle)
+    del zero3_handle
     module.train()
     curve = []
     for step in range(args.steps):

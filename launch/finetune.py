@@ -48,12 +48,10 @@ import torch.distributed as dist  # noqa: E402
 
 from spava_ds import comm, dataset, entry, runs  # noqa: E402
 from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
-from spava_ds.models import family_of  # noqa: E402
-from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments,  # noqa: E402
-                                  apply_memory_options, build_model, memory_options, model_dtype,
+from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments, memory_options,  # noqa: E402
                                   trainable_parameters)
-from spava_ds.training import (VideoQAModel, add_answer, exact_match, sp_group, synthetic_sample,  # noqa: E402
-                               train_step, training_attn_implementation)
+from spava_ds.training import (VideoQAModel, add_answer, build_video_qa, exact_match, sp_group,  # noqa: E402
+                               start_deepspeed, synthetic_sample, train_step)
 
 log = logging.getLogger("spava_ds.finetune")
 
@@ -227,29 +225,20 @@ def build(run, device: torch.device):
     over this rank's SP group, and the SpavaEngine that builds its prompts (None without a tokenizer). Keep
     ``zero3_handle`` until ``start_engine``."""
     args = run.args
-    model, zero3_handle = build_model(args.model or args.model_shape, model_dtype(run.ds), device,
-                                      training_attn_implementation(), run.ds)
-    apply_memory_options(model, args.memory)
-    if args.fused_vision:
-        family_of(model).fuse_vision_attention()
     group = sp_group(run.sp, entry.collective_timeout(args))
-    qa = VideoQAModel(model, run.spava_config, group, options=args.memory)
+    qa, zero3_handle = build_video_qa(args.model or args.model_shape, run.ds, device, run.spava_config, group,
+                                      args.memory, args.fused_vision)
     return qa, inference_engine(run, qa, group) if args.model else None, zero3_handle
 
 
 def start_engine(run, qa: VideoQAModel, zero3_handle):
     """The DeepSpeed engine of ``qa``, with the JSON's optimizer and scheduler (else AdamW and ``_torch_schedule``)."""
-    import deepspeed
-
     ds, args = run.ds, run.args
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(trainable_parameters(qa), lr=args.lr,
                                                                   weight_decay=0.0)
     warmup = max(1, round(args.warmup_ratio * run.total_steps))
     scheduler = None if "scheduler" in ds else _torch_schedule(run.total_steps, warmup)
-    engine, *_ = deepspeed.initialize(model=qa, model_parameters=trainable_parameters(qa), optimizer=optimizer,
-                                      lr_scheduler=scheduler, config=ds)
-    del zero3_handle  # transformers needed it while the model was built and partitioned
-    return engine
+    return start_deepspeed(qa, ds, zero3_handle, optimizer=optimizer, lr_scheduler=scheduler)
 
 
 def inference_engine(run, qa: VideoQAModel, group):

@@ -48,7 +48,7 @@ from .layout import ZigzagLayout
 from .integrations.qwen_vision import temporal_range
 from .models import family_of
 from .step_timer import StepTimer
-from .train_model import MemoryOptions
+from .train_model import MemoryOptions, apply_memory_options, build_model, model_dtype, trainable_parameters
 
 IGNORE_INDEX = -100
 TRAIN_ATTN = "spava_ds_train"
@@ -350,6 +350,32 @@ class VideoQAModel(torch.nn.Module):
 
 def _weighted_cross_entropy(lm_head, rows, targets, weights) -> torch.Tensor:
     return (F.cross_entropy(lm_head(rows).float(), targets, reduction="none") * weights).sum()
+
+
+# ---- setting up a run -----------------------------------------------------------------------------------------------
+def build_video_qa(source: str, ds_config: dict, device: torch.device, config: SpavaConfig, group=None,
+                   memory: MemoryOptions = MemoryOptions(), fused_vision: bool = False):
+    """``(qa, zero3_handle)``: the model of ``source`` (a checkpoint folder or a ``MODEL_SHAPES`` name) built in the
+    JSON's dtype with the training attention, its memory options applied, the vision attention fused if asked, and
+    wrapped in a ``VideoQAModel``. Pass ``zero3_handle`` on to ``start_deepspeed`` (see ``train_model.build_model``)."""
+    model, zero3_handle = build_model(source, model_dtype(ds_config), device, training_attn_implementation(),
+                                      ds_config)
+    apply_memory_options(model, memory)
+    if fused_vision:
+        family_of(model).fuse_vision_attention()
+    return VideoQAModel(model, config, group, options=memory), zero3_handle
+
+
+def start_deepspeed(module: torch.nn.Module, ds_config: dict, zero3_handle, **initialize_kwargs):
+    """The DeepSpeed engine of ``module``: ``deepspeed.initialize`` with its trainable parameters only (a frozen
+    vision tower gets no optimizer state) and ``initialize_kwargs`` (``optimizer``, ``lr_scheduler``).
+    ``zero3_handle`` (from ``build_model``) is taken only to be held until here: transformers reads the ZeRO-3
+    config through a weak reference to it while DeepSpeed partitions the model."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable_parameters(module), config=ds_config,
+                                      **initialize_kwargs)
+    return engine
 
 
 def train_step(engine, sample: Dict, sp_size: int, timer: Optional[StepTimer] = None) -> torch.Tensor:
