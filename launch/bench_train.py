@@ -16,14 +16,14 @@ default) and the same memory options, in one run:
   ``optimizer``, and ``rest`` = forward + backward minus those: the linear layers with everything else of the
   decoder (norms, RoPE, activations, ZeRO-3's parameter gathers and gradient reduction). The attention's own
   communication is inside its times. ``--profile`` adds one profiled step and the device time per kernel class
-  (``gemm``, ``attention``, ``nccl``, ``other``);
+  (``spava_ds.profiling.kernel_class``: ``gemm``, ``attention``, ``elementwise``, ``copy``, ``nccl``, ``other``);
 * ``--frontier START``: per mode, the sample length doubled from START until a step no longer fits (the CUDA OOM is
   caught; the process that hit it ends, so the memory is really free) or ``--frontier-max``.
 
 Model FLOPs (``model_flops``) count 2 per multiply-add, for the linear layers, the exact causal attention over the
 whole sample (S^2/2 query-key pairs per head and layer: also for spava, which does less), the vocabulary projection
-of the labelled tokens and the vision tower; a backward costs twice its forward (the vision tower's none when
-frozen); recomputation by checkpointing or tiling is not counted. Per rank: the total / W.
+of the labelled tokens and the vision tower (``spava_ds.benchmarks.flops``); a backward costs twice its forward (the
+vision tower's none when frozen); recomputation by checkpointing or tiling is not counted. Per rank: the total / W.
 
 One-rank mode (``--one-rank``, one GPU): the process is rank 0 of a W-rank group whose other ranks are PyTorch's fake
 process group (``torch.testing._internal.distributed.fake_pg``): collectives return at once, an all-gather copies
@@ -63,7 +63,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from spava_ds.benchmarks.flops import vision_tower_flops
 from spava_ds.benchmarks.records import append_jsonl, read_jsonls
+from spava_ds.profiling import kernel_times
 from spava_ds.step_timer import StepTimer
 from spava_ds.train_model import MODEL_SHAPES, MemoryOptions, add_memory_arguments, measurement_config, memory_options
 from spava_ds.training import DEEPSPEED_ULYSSES, build_video_qa, start_deepspeed, synthetic_sample, train_step
@@ -265,17 +267,9 @@ def model_flops(config, sample: dict, train_vision: bool) -> Dict[str, float]:
     fwd = dict(linear=2 * t.num_hidden_layers * per_layer * s,
                attention=t.num_hidden_layers * 2 * d * t.num_attention_heads * s * (s + 1),
                lm_head=2 * t.hidden_size * t.vocab_size * labels)
-    patches, hv = sample["pixel_values_videos"].shape[0], v.hidden_size
-    merged = 4 * hv  # the merger's width: 2 x 2 patches
-    vision_linear = 2 * patches * (v.depth * (4 * hv * hv + 3 * hv * v.intermediate_size) + hv * v.in_channels
-                                   * v.temporal_patch_size * v.patch_size ** 2) \
-        + 2 * patches // 4 * (merged * merged + merged * v.out_hidden_size)
-    window = (v.window_size // v.patch_size) ** 2  # patches per attention window
-    frame = int(sample["video_grid_thw"][0, 1] * sample["video_grid_thw"][0, 2])  # full-attention segment
-    full = len(v.fullatt_block_indexes)
-    vision_attention = 4 * patches * hv * (window * (v.depth - full) + frame * full)
     out = {k: 3 * x for k, x in fwd.items()}  # a backward costs twice its forward
-    out["vision"] = (3 if train_vision else 1) * (vision_linear + vision_attention)
+    vision = vision_tower_flops(v, sample["video_grid_thw"])["total"]
+    out["vision"] = (3 if train_vision else 1) * vision
     out["total"] = sum(out.values())
     return out
 
@@ -287,20 +281,8 @@ def peak_tflops(args, device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def kernel_class(name: str) -> str:
-    """The class of a GPU kernel by its name: ``nccl``, ``attention``, ``gemm`` or ``other``."""
-    n = name.lower()
-    if "nccl" in n:
-        return "nccl"
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_", "sm80_")):
-        return "gemm"
-    return "other"
-
-
 def profile_step(engine, sample: dict, row: Row, device: torch.device) -> Dict[str, float]:
-    """Device seconds per kernel class of one more step, under torch.profiler."""
+    """Device seconds per kernel class (``profiling.kernel_class``) of one more step, under torch.profiler."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
@@ -308,12 +290,7 @@ def profile_step(engine, sample: dict, row: Row, device: torch.device) -> Dict[s
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         train_step(engine, sample, row.world)
         _sync(device)
-    classes: Dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kind = kernel_class(e.name)
-            classes[kind] = classes.get(kind, 0.0) + e.time_range.elapsed_us() / 1e6
-    return classes
+    return kernel_times(prof)["classes"]
 
 
 def measure(engine, qa, sample: dict, row: Row, args, rank: int, device: torch.device) -> dict:

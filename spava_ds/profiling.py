@@ -24,14 +24,18 @@ one check of the profiler state). The collectives themselves are observed with `
 span hook is in force the attention runs eagerly, never from a CUDA graph (``graphs.py``), so that every call's
 steps reach it. A profiler alone leaves the graphs on: a replayed call shows as one graph launch, and the ranges
 appear only on the calls that ran eagerly or were captured (``SpavaConfig(cuda_graphs=False)`` to see every step).
+
+For the benchmarks' ``--profile`` runs, ``kernel_times(prof)`` reads a finished ``torch.profiler.profile``: device
+seconds per kernel class (``kernel_class``: gemm, attention, elementwise, copy, nccl, other) and the kernels that
+took the most device time. Without CUDA activity it reads the CPU operators' self time the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Dict, Optional
 
-from torch.autograd import _profiler_enabled
+from torch.autograd import DeviceType, _profiler_enabled
 from torch.autograd.profiler import record_function
 
 _NO_SPAN = contextlib.nullcontext()
@@ -62,3 +66,49 @@ def span_hook(fn: Callable[[str], ContextManager]):
         yield fn
     finally:
         _SPAN_HOOK = previous
+
+
+# Name fragments of each class, checked in this order (the first match wins): a copy kernel is often an elementwise
+# template (``elementwise_kernel<..., direct_copy_kernel_cuda>``), so copies come before elementwise. Lower case;
+# GPU kernel names and the ATen operators of a CPU run. Fragments are specific ("catarray", not "cat": "truncate").
+KERNEL_CLASSES = (
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_", "sm80_", "aten::mm", "aten::addmm",
+              "aten::bmm", "aten::baddbmm", "aten::linear", "convolution", "conv2d", "conv3d")),
+    ("copy", ("copy", "memcpy", "memset", "gather", "scatter", "index", "catarray", "aten::cat", "fill",
+              "aten::pad", "constant_pad")),
+    ("elementwise", ("elementwise", "norm", "reduce", "softmax", "gelu", "silu", "triton_poi", "triton_red",
+                     "triton_per", "aten::add", "aten::mul", "aten::sub", "aten::div", "aten::neg", "aten::exp",
+                     "aten::sum", "aten::mean", "aten::pow", "aten::rsqrt", "aten::cos", "aten::sin", "aten::where")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a GPU kernel (or a CPU run's ATen operator) by its name: one of ``KERNEL_CLASSES``' names,
+    else ``other``."""
+    n = name.lower()
+    return next((kind for kind, fragments in KERNEL_CLASSES if any(f in n for f in fragments)), "other")
+
+
+def kernel_times(prof, top: int = 15) -> dict:
+    """Where a finished ``torch.profiler.profile`` spent its device time: ``{"device": "cuda" | "cpu",
+    "total_s", "classes": {class: seconds}, "top": [{"name", "kind", "seconds", "calls"}, ...]}`` (the ``top`` kernels
+    by time, longest first). CUDA kernels and memory copies when the profile has them, else the CPU operators' self
+    time; profiler ranges (``span``, ``record_function``) are never counted, so nothing is counted twice."""
+    events = [e for e in prof.events() if not e.is_user_annotation]
+    cuda = [e for e in events if e.device_type == DeviceType.CUDA]
+    timed = [(e.name, e.time_range.elapsed_us()) for e in cuda] if cuda else \
+        [(e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
+    per_name: Dict[str, list] = {}  # name -> [microseconds, calls]
+    for name, us in timed:
+        entry = per_name.setdefault(name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    classes = {kind: 0.0 for kind, _ in KERNEL_CLASSES} | {"other": 0.0}
+    for name, (us, _) in per_name.items():
+        classes[kernel_class(name)] += us / 1e6
+    longest = sorted(per_name.items(), key=lambda item: -item[1][0])[:top]
+    return dict(device="cuda" if cuda else "cpu", total_s=sum(classes.values()), classes=classes,
+                top=[dict(name=name, kind=kernel_class(name), seconds=us / 1e6, calls=calls)
+                     for name, (us, calls) in longest])

@@ -154,14 +154,26 @@ def test_model_flops_equal_a_count_from_the_modules():
 
 
 def test_kernel_classes_by_name():
-    bench = _script()
+    from spava_ds.profiling import kernel_class
+
     for name, kind in (("ncclDevKernel_AllGather_RING_LL", "nccl"),
                        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
                        ("flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", "attention"),
                        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
                        ("nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT", "gemm"),
-                       ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>", "other")):
-        assert bench.kernel_class(name) == kind, name
+                       ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",
+                        "elementwise"),
+                       ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>",
+                        "elementwise"),
+                       ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+                        "direct_copy_kernel_cuda(at::TensorIteratorBase&)>>", "copy"),
+                       ("void at::native::index_elementwise_kernel<128, 4>", "copy"),
+                       ("Memcpy DtoD (Device -> Device)", "copy"),
+                       ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4, 64>", "copy"),
+                       ("aten::addmm", "gemm"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+                       ("aten::gelu", "elementwise"), ("aten::copy_", "copy"),
+                       ("void truncate_kernel<float>", "other"), ("aten::empty", "other")):
+        assert kernel_class(name) == kind, name
 
 
 def test_out_of_memory_is_recognised_in_its_forms():
