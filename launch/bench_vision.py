@@ -251,8 +251,6 @@ def bench(args) -> None:
     if args.out and rank == 0:
         write_results(args.out, rows, dict(card=card, world=world, dtype=str(dtype), size=args.size,
                                            iters=args.iters, warmup=args.warmup))
-    if distributed:
-        dist.destroy_process_group()
 
 
 def table_lines(rows: list) -> list:

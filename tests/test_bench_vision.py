@@ -4,7 +4,7 @@
   tower (its per-window SDPA on the math backend: the attention as matrix products), on awkward grids;
 * ``--profile --out``: the timing table with TFLOP/s, the kernel classes and top kernels of the profiled run (CPU
   operators here), and the same in the JSON;
-* frame parallel over 2 gloo processes: TFLOP/s per GPU counts the FLOPs / W.
+* frame parallel (torchrun, 2 gloo processes): TFLOP/s per GPU counts the FLOPs / W.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import child_env  # noqa: E402
 
 from spava_ds.benchmarks.flops import vision_tower_flops  # noqa: E402
 from spava_ds.profiling import KERNEL_CLASSES  # noqa: E402
@@ -85,16 +86,28 @@ def test_profile_tables_and_json_on_the_cpu(tmp_path, capsys):
     assert "| aten::addmm | gemm |" in printed
 
 
-def _frame_parallel(rank, world, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
-    return _script().main(argv)
-
-
 def test_frame_parallel_rows_count_flops_per_gpu(tmp_path):
     out = tmp_path / "vision.json"
-    assert run_distributed(_frame_parallel, 2, FAST + ["--out", str(out)], timeout=120) == [0, 0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "launch", "bench_vision.py")] + FAST + ["--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["attention"], r["gpus"]) for r in rows] == [("transformers", 1), ("sdpa", 1), ("transformers", 2),
                                                             ("sdpa", 2)]
     for r in rows:
         assert r["tflops_per_gpu"] == pytest.approx(r["flops"]["total"] / r["gpus"] / r["seconds"] / 1e12)
+
+
+@pytest.mark.gpu
+def test_profile_on_a_gpu(tmp_path):
+    """The CUDA path before the long runs: the tiny tower in bf16, every available fused backend, the profiled
+    kernels' classes from the GPU's own kernels."""
+    out = tmp_path / "vision.json"
+    assert _script().main(["--models", "tiny", "--frames", "8", "--size", "224", "168", "--iters", "2",
+                           "--profile", "--out", str(out)]) == 0
+    profiled = [r for r in json.loads(out.read_text())["rows"] if "profile" in r]
+    assert len(profiled) == 1 and profiled[0]["attention"] != "transformers", profiled
+    profile = profiled[0]["profile"]
+    assert profile["device"] == "cuda" and profile["classes"]["gemm"] > 0, profile
+    assert profile["classes"]["attention"] > 0, profile["top"]
