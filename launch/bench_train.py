@@ -16,7 +16,10 @@ default) and the same memory options, in one run:
   ``optimizer``, and ``rest`` = forward + backward minus those: the linear layers with everything else of the
   decoder (norms, RoPE, activations, ZeRO-3's parameter gathers and gradient reduction). The attention's own
   communication is inside its times. ``--profile`` adds one profiled step and the device time per kernel class
-  (``spava_ds.profiling.kernel_class``: ``gemm``, ``attention``, ``elementwise``, ``copy``, ``nccl``, ``other``);
+  (``kernels``; ``spava_ds.profiling.kernel_class``: ``gemm``, ``attention``, ``elementwise``, ``copy``, ``nccl``,
+  ``other``) and what the host did in it (``host``: ``step_s`` wall, ``blocked_s`` inside synchronising CUDA calls,
+  their count ``syncs``, kernel ``launches``, ``aten_ops``; ``benchmarks.host.host_times``): a step whose host was
+  blocked for little of its wall time is host-bound, and its GPU idles for the wall time minus the kernels' time;
 * ``--frontier START``: per mode, the sample length doubled from START until a step no longer fits (the CUDA OOM is
   caught; the process that hit it ends, so the memory is really free) or ``--frontier-max``.
 
@@ -64,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from spava_ds.benchmarks.flops import vision_tower_flops
+from spava_ds.benchmarks.host import host_times
 from spava_ds.benchmarks.records import append_jsonl, read_jsonls
 from spava_ds.profiling import kernel_times
 from spava_ds.step_timer import StepTimer
@@ -98,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=8192,
                    help="one untimed step at this length per mode and process, before its first measurement "
                         "(ZeRO-3 records its prefetch order in a first step; 0: none)")
-    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler: kernel classes")
+    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler: kernel classes and host activity")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--out", default=None, help="JSON lines, appended as measured; a rerun skips what is there")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL", help="print the tables of these files")
@@ -281,16 +285,22 @@ def peak_tflops(args, device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def profile_step(engine, sample: dict, row: Row, device: torch.device) -> Dict[str, float]:
-    """Device seconds per kernel class (``profiling.kernel_class``) of one more step, under torch.profiler."""
-    if device.type != "cuda":
-        return {}
+def profile_step(engine, sample: dict, row: Row, device: torch.device) -> dict:
+    """One more step under torch.profiler: ``kernels``, the device seconds per kernel class
+    (``profiling.kernel_class``; CUDA only), and ``host``, what the host did (``benchmarks.host.host_times``: ATen
+    operators, kernel launches, synchronising CUDA calls and the seconds blocked in them) with ``step_s``, the
+    profiled step's wall time. Host-bound: ``step_s - blocked_s`` about ``step_s``; the device then idles
+    ``step_s`` minus its kernels' seconds, syncs or not."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
         train_step(engine, sample, row.world)
         _sync(device)
-    return kernel_times(prof)["classes"]
+        wall = time.perf_counter() - start
+    return dict(kernels=kernel_times(prof)["classes"] if cuda else None, host=dict(host_times(prof), step_s=wall))
 
 
 def measure(engine, qa, sample: dict, row: Row, args, rank: int, device: torch.device) -> dict:
@@ -308,7 +318,7 @@ def measure(engine, qa, sample: dict, row: Row, args, rank: int, device: torch.d
                 resident_gib=resident / 2 ** 30, activations_gib=(peak - resident) / 2 ** 30,
                 pixels_gib=sample["pixel_values_videos"].nbytes / 2 ** 30,
                 breakdown=breakdown(phases), flops=flops,
-                kernels=profile_step(engine, sample, row, device) if args.profile else None)
+                **(profile_step(engine, sample, row, device) if args.profile else dict(kernels=None, host=None)))
 
 
 def describe(row: Row, args, rank: int, device: torch.device) -> dict:
@@ -396,8 +406,15 @@ def out_of_memory(error: RuntimeError) -> bool:
 def summary_line(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['source']} W={r['world']} {r['mode']} {r['tokens']}: {r['status']} {r.get('error', '')}"
-    return (f"{r['source']} W={r['world']} {r['mode']} {r['tokens']}: {r['step_s']:.3f} s/step, "
+    line = (f"{r['source']} W={r['world']} {r['mode']} {r['tokens']}: {r['step_s']:.3f} s/step, "
             f"{r['tokens_per_s_per_gpu']:.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB")
+    if r.get("kernels"):
+        line += f"; profiled step: kernels {sum(r['kernels'].values()):.3f} s"
+    if r.get("host"):
+        h = r["host"]
+        line += (f"{'' if r.get('kernels') else '; profiled step:'} wall {h['step_s']:.3f} s, host blocked "
+                 f"{h['blocked_s']:.3f} s in {h['syncs']} syncs, {h['launches']} launches, {h['aten_ops']} ATen ops")
+    return line
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------------

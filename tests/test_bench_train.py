@@ -90,9 +90,14 @@ def _real(rank, world, argv):
 
 def test_real_ranks_measure_through_the_same_code(config, tmp_path):
     out = str(tmp_path / "bench.jsonl")
-    run_distributed(_real, 2, ["--config", config, "--out", out, "--modes", "spava", "deepspeed-ulysses"] + COMMON,
-                    timeout=600)
-    _check_rows(_lines(out), ["spava", "deepspeed-ulysses"], one_rank=False)
+    run_distributed(_real, 2, ["--config", config, "--out", out, "--modes", "spava", "deepspeed-ulysses", "--profile"]
+                    + COMMON, timeout=600)
+    rows = _lines(out)
+    _check_rows(rows, ["spava", "deepspeed-ulysses"], one_rank=False)
+    for r in rows:  # the profiled step on a CPU: host activity, no CUDA calls, no kernel classes
+        h = r["host"]
+        assert r["kernels"] is None and h["aten_ops"] > 100 and h["step_s"] > 0, r
+        assert h["launches"] == h["syncs"] == 0 and h["blocked_s"] == 0, h
 
 
 def test_frontier_stops_at_the_first_length_that_does_not_fit(tmp_path, capsys):
@@ -197,5 +202,7 @@ def test_one_rank_mode_on_a_gpu(tmp_path):
     for r in steps:
         assert r["status"] == "ok" and r["peak_gib"] > r["resident_gib"] > 0 and (r["mfu"] or 1) > 0, r
         assert r["kernels"].get("gemm", 0) > 0 and r["kernels"].get("attention", 0) > 0, r["kernels"]
+        h = r["host"]  # at least the closing synchronize; blocked for part of the profiled step's wall time
+        assert h["launches"] > 100 and h["syncs"] >= 1 and 0 < h["blocked_s"] < h["step_s"], h
     assert {(r["mode"], r["tokens"]) for r in rows if r["frontier"]} == {(m, n) for m in bench.MODES
                                                                         for n in (16384, 32768)}

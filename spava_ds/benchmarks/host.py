@@ -1,6 +1,6 @@
 """One rank of W alone, for host-cost and share benchmarks: this process stands for rank r of W through PyTorch's fake
 process group, and spava_ds's collective hook makes every collective return at once; timers of a call's host and
-GPU cost, and its operator count."""
+GPU cost, its operator count, and what the host did in a profiled run (``host_times``)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,32 @@ def count_ops(fn, top: int = 0) -> int:
         for (chain, shapes), n in callers.most_common():
             print(f"copy_ x{n}: {chain} {shapes}")
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+# CUDA runtime calls that hold the host until the device has caught up: the synchronisations themselves (``.item()``,
+# ``.tolist()``, ``nonzero`` of a GPU tensor end in ``cudaStreamSynchronize``) and the blocking copy.
+BLOCKING_CUDA_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCH_CUDA_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def host_times(prof) -> dict:
+    """What the host did in a finished ``torch.profiler.profile``: ``aten_ops`` (ATen operators, nested ones
+    included), ``launches`` (kernel launches), ``syncs`` (calls of ``BLOCKING_CUDA_CALLS``) and ``blocked_s``
+    (seconds the host spent inside them, waiting for the device). The host was busy for the profiled wall time minus
+    ``blocked_s``: when that is about the wall time, the run is host-bound, and the device idled for the difference
+    between the wall time and its kernels' time whatever the syncs. A CPU-only profile has no CUDA calls (zeros)."""
+    ops = launches = syncs = 0
+    blocked_us = 0.0
+    for e in prof.events():
+        name = e.name.split("_v")[0]  # CUPTI names some calls by version: cudaLaunchKernelExC_v11060
+        if e.name.startswith("aten::"):
+            ops += 1
+        elif name in LAUNCH_CUDA_CALLS:
+            launches += 1
+        elif name in BLOCKING_CUDA_CALLS:
+            syncs += 1
+            blocked_us += e.time_range.elapsed_us()
+    return dict(aten_ops=ops, launches=launches, syncs=syncs, blocked_s=blocked_us / 1e6)
 
 
 def time_call(fn, device: torch.device, iters: int, calls: int = 8):
