@@ -9,7 +9,13 @@ for one rank of a W-rank group, per mode:
 * ``gpu``: the time the GPU spends on the call's kernels back to back (queued behind the sleep, no gaps);
 * ``ops``: the ATen operators one call runs (from torch.profiler; views included);
 * ``call``: the wall time per call of calls issued back to back with nothing else queued (about the larger of
-  ``host`` and ``gpu``): what one layer's attention costs when nothing hides it.
+  ``host`` and ``gpu``): what one layer's attention costs when nothing hides it;
+* ``syncs``: the calls of one call that make the host wait for the device (``benchmarks.host.count_syncs``: on CUDA
+  every synchronising CUDA runtime call ``torch.cuda.set_sync_debug_mode`` sees; on the CPU the calls that would
+  stall a GPU, ``profiling.host_syncs``). Any sync makes the host wait out the GPU's queue: it cannot run ahead.
+
+With ``--training`` a call is a training layer's attention: the forward with gradients, then its backward (what
+a checkpointed layer runs twice forward and once backward per step).
 
 A layer is host-bound when ``host`` exceeds ``gpu``. With ``--cuda-graphs`` every mode also runs through CUDA graphs
 of the call (``spava_ds.graphs.AttentionGraphs``, as the engine's prefill does: the warm-up captures it, the timed
@@ -25,6 +31,7 @@ Inputs are random; the numbers do not depend on them.
     python launch/bench_host.py                                  # 3B shape, 16K and 32K tokens, W = 2 and 4, CUDA
     python launch/bench_host.py --heads 28 4 --cuda-graphs        # 7B shape, each mode eager and with CUDA graphs
     python launch/bench_host.py --device cpu --tokens 1024 --heads 4 2 --head-dim 16   # op counts on a CPU
+    python launch/bench_host.py --heads 28 4 --tokens 65536 --world 4 --training --modes spava ring ulysses
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import sys
 import torch
 
 from spava_ds import MODE_TABLE, entry
-from spava_ds.benchmarks.host import alone, count_ops, make_call, time_back_to_back, time_call
+from spava_ds.benchmarks.host import alone, count_ops, count_syncs, make_call, time_back_to_back, time_call
 from spava_ds.graphs import AttentionGraphs
 
 MODES = [mode for mode, spec in MODE_TABLE.items() if spec.schedule != "local"]  # the modes that run over W ranks
@@ -47,7 +54,7 @@ def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype, 
     u = args.ulysses_degree if MODE_TABLE[mode].mesh else 1
     graphs = AttentionGraphs(True) if cuda_graphs else None  # a layer's attention, captured once, then replayed
     call, layout = make_call(mode, tokens, world, rank * u, args.heads, args.head_dim, args.query, device, dtype, u,
-                             graphs)
+                             graphs, training=args.training)
     n = layout.local_len(rank * u)
     for _ in range(args.warmup):
         call()
@@ -64,7 +71,8 @@ def measure(mode: str, tokens: int, world: int, rank: int, args, device, dtype, 
         stats.sort_stats("cumulative").print_stats(args.python_profile)
     row = dict(mode=mode, tokens=tokens, world=world, rank=rank, ulysses_degree=u, local_tokens=n,
                host_ms=host * 1e3, gpu_ms=gpu * 1e3, ops=count_ops(call, args.top),
-               call_ms=time_back_to_back(call, device, args.iters) * 1e3, graphs=cuda_graphs)
+               call_ms=time_back_to_back(call, device, args.iters) * 1e3, syncs=count_syncs(call, device),
+               graphs=cuda_graphs, training=args.training)
     if graphs is not None:
         row.update(replayed=graphs.stats["replays"] > 0, capture_ms=graphs.capture_seconds * 1e3,
                    graph_mib=graphs.device_bytes() / 2 ** 20,
@@ -90,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also run every mode through CUDA graphs of the call (one more row each)")
+    p.add_argument("--training", action="store_true",
+                   help="a call is a training layer's: forward with gradients and its backward (not with --cuda-graphs)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed")
     p.add_argument("--top", type=int, default=0, help="print the N operators with the most host time per call")
@@ -100,6 +110,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if any(w % args.ulysses_degree for w in args.world):
         p.error(f"--ulysses-degree {args.ulysses_degree} does not divide every --world {args.world}")
+    if args.training and args.cuda_graphs:
+        p.error("--training runs eagerly: CUDA graphs replay the prefill only")
     if args.rank >= min(args.world) // args.ulysses_degree:
         p.error(f"--rank {args.rank} is not an (inter) rank of W = {min(args.world)}")
     return entry.run_main(bench, args)
@@ -114,9 +126,10 @@ def bench(args) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     print(f"# {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-          f"{dtype}, heads {args.heads[0]}/{args.heads[1]}, head_dim {args.head_dim}, rank {args.rank} of W")
-    print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | bound | call ms | CUDA graphs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{dtype}, heads {args.heads[0]}/{args.heads[1]}, head_dim {args.head_dim}, rank {args.rank} of W, "
+          f"{'training (forward + backward)' if args.training else 'prefill'}")
+    print("| tokens | W | mode | local tokens | host ms | GPU ms | ATen ops | syncs | bound | call ms | CUDA graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with alone():
         for tokens in args.tokens:
@@ -141,7 +154,7 @@ def _row_line(r: dict, device: torch.device) -> str:
     u = r["ulysses_degree"]
     label = r["mode"] if u == 1 else f"{r['mode']} {r['world'] // u}x{u}"
     return (f"| {r['tokens']} | {r['world']} | {label} | {r['local_tokens']} | {r['host_ms']:.3f} | "
-            f"{r['gpu_ms']:.3f} | {r['ops']} | {bound} | {r['call_ms']:.3f} | {graphs} |")
+            f"{r['gpu_ms']:.3f} | {r['ops']} | {r['syncs']} | {bound} | {r['call_ms']:.3f} | {graphs} |")
 
 
 def summary(rows) -> str:

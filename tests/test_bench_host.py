@@ -68,3 +68,37 @@ def test_cuda_graph_rows_say_why_they_ran_eagerly_on_the_cpu(tmp_path, capsys):
     # the summary: spava against the best exact mode (here ulysses), without and with graphs
     assert "| 301 | 2 | no | ulysses: " in text and "| 301 | 2 | yes | ulysses: " in text
     assert not dist.is_initialized()
+
+
+def test_training_calls_run_forward_and_backward_without_a_sync(tmp_path):
+    """--training: a call is a layer's forward and backward; it runs more operators than the prefill of the same
+    mode and, like it, makes no synchronising call (tests/test_attention_syncs.py counts the same on real ranks)."""
+    bench = _load_script()
+    rows = {}
+    for training in (False, True):
+        out = tmp_path / f"host_{training}.json"
+        assert bench.main(["--device", "cpu", "--tokens", "301", "--world", "4", "--heads", "4", "2", "--head-dim",
+                           "8", "--query", "7", "--modes", "spava", "ring", "ulysses", "--iters", "1", "--warmup",
+                           "1", "--out", str(out)] + (["--training"] if training else [])) == 0
+        rows[training] = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    for mode, r in rows[True].items():
+        assert r["training"] and r["syncs"] == 0 and rows[False][mode]["syncs"] == 0, r
+        assert r["ops"] > rows[False][mode]["ops"], (r, rows[False][mode])
+    assert not dist.is_initialized()
+
+
+def test_training_calls_refuse_cuda_graphs():
+    with pytest.raises(SystemExit):
+        _load_script().main(["--device", "cpu", "--training", "--cuda-graphs"])
+
+
+@pytest.mark.gpu
+def test_training_calls_make_no_cuda_sync_on_a_gpu(tmp_path):
+    """On CUDA the count is torch's sync debug mode: also the syncs inside operators and libraries (cuDNN attention,
+    sort, the compiled LSE merge at sizes that compile it: 8K local tokens x 28 heads x 128 > 2^21 elements)."""
+    bench = _load_script()
+    out = tmp_path / "host_gpu.json"
+    assert bench.main(["--tokens", "32768", "--world", "4", "--heads", "28", "4", "--modes", "spava", "ring",
+                       "ulysses", "--iters", "2", "--warmup", "2", "--training", "--out", str(out)]) == 0
+    for r in json.loads(out.read_text())["rows"]:
+        assert r["syncs"] == 0 and r["gpu_ms"] > 0, r

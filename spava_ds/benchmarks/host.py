@@ -8,6 +8,7 @@ import collections
 import contextlib
 import statistics
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from .. import MODE_TABLE, MeshLayout, SpavaConfig, comm, make_layout
 from ..attention import sp_attention
 from ..graphs import AttentionGraphs
+from ..profiling import host_syncs
 
 
 def fake_group(rank: int, world: int) -> None:
@@ -132,25 +134,54 @@ def time_back_to_back(fn, device: torch.device, iters: int, calls: int = 8) -> f
 
 
 def make_call(mode: str, tokens: int, world: int, rank: int, heads, head_dim: int, query: int, device, dtype,
-              ulysses_degree: int = 1, graphs: Optional[AttentionGraphs] = None):
+              ulysses_degree: int = 1, graphs: Optional[AttentionGraphs] = None, training: bool = False):
     """(one call of global rank ``rank``'s attention, its layout) on random inputs, the other ranks faked. With
     ``ulysses_degree`` U > 1 the modes that run 2-D (``MODE_TABLE``'s ``mesh`` column) run it on a (W / U) x U mesh;
-    with ``graphs`` the call goes through its CUDA graphs. The call's inputs are ``call.inputs`` (q, k, v).
-    Call it inside ``alone()``: the fake group moves nothing, the collective hook makes every collective return."""
+    with ``graphs`` the call goes through its CUDA graphs; with ``training`` a call is a training layer's: the
+    forward with gradients, then its backward (``torch.autograd.grad``, nothing accumulates). The call's inputs are
+    ``call.inputs`` (q, k, v). Call it inside ``alone()``: the fake group moves nothing, the collective hook makes
+    every collective return."""
+    if training and graphs is not None:
+        raise ValueError("make_call: CUDA graphs replay the prefill only; a training call runs eagerly")
     fake_group(rank, world)
     config = SpavaConfig(mode=mode, ulysses_degree=ulysses_degree if MODE_TABLE[mode].mesh else 1)
     layout = make_layout(tokens - query, query, world, config)
     group = comm.init_mesh(config.ulysses_degree) if isinstance(layout, MeshLayout) else None
     n = layout.local_len(rank)
     hq, hkv = heads
-    q = torch.randn(1, n, hq, head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, n, hkv, head_dim, device=device, dtype=dtype)
-    v = torch.randn_like(k)
+    q = torch.randn(1, n, hq, head_dim, device=device, dtype=dtype, requires_grad=training)
+    k = torch.randn(1, n, hkv, head_dim, device=device, dtype=dtype, requires_grad=training)
+    v = torch.randn_like(k, requires_grad=training)
+    dout = torch.randn_like(q) if training else None
     attention = graphs.sp_attention if graphs is not None else sp_attention
 
     def call():
+        if training:
+            out = attention(q, k, v, layout, config, group=group, layer_idx=0)
+            torch.autograd.grad(out, (q, k, v), dout)
+            return
         with torch.inference_mode():
             attention(q, k, v, layout, config, group=group, layer_idx=0)
 
     call.inputs = (q, k, v)
     return call, layout
+
+
+def count_syncs(fn, device: torch.device) -> int:
+    """Synchronising calls of one call of ``fn``. On CUDA every synchronising CUDA runtime call that
+    ``torch.cuda.set_sync_debug_mode`` sees (those inside operators too: a blocking copy, a data-dependent size);
+    elsewhere ``profiling.host_syncs``' count of the calls that would stall a GPU (``.item()``, ``nonzero``...)."""
+    if device.type != "cuda":
+        with host_syncs() as found:
+            fn()
+        return found.count(device.type)
+    torch.cuda.synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()  # a backward's warnings come back to this thread when it ends (autograd replays them)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
