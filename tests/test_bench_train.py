@@ -24,8 +24,8 @@ from dist_utils import run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = 300
-COMMON = ["--shape", "tiny", "--tokens", str(TOKENS), "--grid", "4", "4", "--steps", "1", "--warmup-tokens", "200",
-          "--mlp-shards", "3"]
+COMMON = ["--shape", "tiny", "--tokens", str(TOKENS), "--grid", "4", "4", "--steps", "1", "--warmup", "0",
+          "--warmup-tokens", "200", "--mlp-shards", "3"]
 
 
 def _script():
