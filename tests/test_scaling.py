@@ -240,7 +240,8 @@ def test_bench_host_runs_the_2d_mode():
     with comm.collective_hook(lambda op, *args, **kwargs: outer.append(op)):
         for mode in ("spava", "ring", "ulysses"):
             args = bench_host.main.__globals__["argparse"].Namespace(
-                ulysses_degree=2, heads=(4, 2), head_dim=8, query=5, warmup=1, iters=1, top=0, python_profile=0)
+                ulysses_degree=2, heads=(4, 2), head_dim=8, query=5, warmup=1, iters=1, top=0, python_profile=0,
+                training=False)
             with bench_host.alone():
                 rows.append(bench_host.measure(mode, 301, 4, 1, args, torch.device("cpu"), torch.float32))
     mesh = MeshLayout(296, 5, 4, SpavaConfig(ulysses_degree=2))
