@@ -104,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=8192,
                    help="one untimed step at this length per mode and process, before its first measurement "
                         "(ZeRO-3 records its prefetch order in a first step; 0: none)")
-    p.add_argument("--profile", action="store_true", help="one more step under torch.profiler: kernel classes and host activity")
+    p.add_argument("--profile", action="store_true",
+                   help="one more step under torch.profiler: kernel classes and host activity")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--out", default=None, help="JSON lines, appended as measured; a rerun skips what is there")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL", help="print the tables of these files")
