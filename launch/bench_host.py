@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also run every mode through CUDA graphs of the call (one more row each)")
     p.add_argument("--training", action="store_true",
-                   help="a call is a training layer's: forward with gradients and its backward (not with --cuda-graphs)")
+                   help="a call is a training layer's: forward with gradients and its backward "
+                        "(not with --cuda-graphs)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=10, help="bursts of 8 calls timed")
     p.add_argument("--top", type=int, default=0, help="print the N operators with the most host time per call")
