@@ -28,15 +28,23 @@ appear only on the calls that ran eagerly or were captured (``SpavaConfig(cuda_g
 For the benchmarks' ``--profile`` runs, ``kernel_times(prof)`` reads a finished ``torch.profiler.profile``: device
 seconds per kernel class (``kernel_class``: gemm, attention, elementwise, copy, nccl, other) and the kernels that
 took the most device time. Without CUDA activity it reads the CPU operators' self time the same way.
+
+``host_syncs()`` counts the calls that make the host wait for the device (``.item()``, ``.tolist()``, ``nonzero``,
+``torch.unique``...; see its docstring), with the device of each call's tensor: on a GPU, any count on a ``cuda``
+device inside a step that should only queue kernels is a stall; on a CPU run it tells which calls would stall.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Optional
+from collections import Counter
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
+import torch
 from torch.autograd import DeviceType, _profiler_enabled
 from torch.autograd.profiler import record_function
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _NO_SPAN = contextlib.nullcontext()
 _SPAN_HOOK: Optional[Callable[[str], ContextManager]] = None
@@ -112,3 +120,110 @@ def kernel_times(prof, top: int = 15) -> dict:
     return dict(device="cuda" if cuda else "cpu", total_s=sum(classes.values()), classes=classes,
                 top=[dict(name=name, kind=kernel_class(name), seconds=us / 1e6, calls=calls)
                      for name, (us, calls) in longest])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device -> host synchronisations
+# --------------------------------------------------------------------------------------------------------------
+
+# ATen operators whose result (a Python number, or an output size that depends on the data) needs the device's
+# values on the host, so the host waits for every queued kernel. ``repeat_interleave`` is listed apart: it syncs
+# only without ``output_size``.
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique", "_unique2",
+               "unique_dim", "unique_dim_consecutive", "equal", "is_nonzero")
+# Tensor methods that read the data on the host without a syncing ATen operator of their own on a CPU tensor.
+SYNCING_METHODS = ("tolist",)
+
+
+class HostSyncs:
+    """The synchronising calls seen inside one ``host_syncs()`` block: ``calls`` lists ``(name, device type)`` in
+    order (``("tolist", "cuda")``, ``("_local_scalar_dense", "cpu")``, ...)."""
+
+    def __init__(self):
+        self.calls: List[Tuple[str, str]] = []
+
+    def count(self, device: Optional[str] = None) -> int:
+        """How many calls, on tensors of ``device`` (a device type: ``"cuda"``, ``"cpu"``) or on any."""
+        return sum(1 for _, dev in self.calls if device is None or dev == device)
+
+    def by_name(self) -> Dict[str, int]:
+        """Calls per name (``{"_local_scalar_dense": 3, "tolist": 1}``)."""
+        return dict(Counter(name for name, _ in self.calls))
+
+    def __repr__(self) -> str:
+        return f"HostSyncs({self.calls})"
+
+
+def _tensor_device(args, kwargs) -> str:
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "none"
+
+
+class _SyncingMethods(TorchFunctionMode):
+    """Records ``Tensor.tolist`` (and keeps the ATen copy it makes of a GPU tensor from being counted again)."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record, self.inside = record, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in SYNCING_METHODS or self.inside:
+            return func(*args, **(kwargs or {}))
+        self.record(name, _tensor_device(args, kwargs))
+        self.inside = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.inside = False
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Records the ATen operators of ``SYNCING_OPS``, ``repeat_interleave`` without ``output_size`` and blocking
+    copies from a device to the host."""
+
+    def __init__(self, record, methods: _SyncingMethods):
+        super().__init__()
+        self.record, self.methods = record, methods
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.methods.inside:
+            name = func.overloadpacket.__name__
+            if name in SYNCING_OPS or _syncing_repeat(name, func, kwargs) or _copy_to_host(name, args, kwargs, out):
+                self.record(name, _tensor_device(args, kwargs))
+        return out
+
+
+def _syncing_repeat(name: str, func, kwargs) -> bool:
+    # aten.repeat_interleave.Tensor (the count-only form, which the tensor forms decompose to) sizes its output
+    # from the data unless told the size.
+    return name == "repeat_interleave" and func._overloadname == "Tensor" and (kwargs or {}).get("output_size") is None
+
+
+def _copy_to_host(name: str, args, kwargs, out) -> bool:
+    if name not in ("_to_copy", "copy_") or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
+        return False
+    source = args[1] if name == "copy_" else args[0]
+    non_blocking = (kwargs or {}).get("non_blocking", False) or (name == "copy_" and len(args) > 2 and args[2])
+    return isinstance(source, torch.Tensor) and source.device.type != "cpu" and not non_blocking
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Count the calls inside the block that make the host read the device's data (and so wait for its queue):
+    ``.item()`` / ``int()`` / ``bool()`` of a tensor (``_local_scalar_dense``), ``.tolist()``, ``nonzero``,
+    ``masked_select``, ``torch.unique*``, ``torch.equal``, ``repeat_interleave`` without ``output_size`` and
+    blocking copies from a device to the host. Yields a ``HostSyncs`` whose ``calls`` name each with its tensor's
+    device type; ``count("cuda")`` is what stalls a GPU. Works on any device (a CPU run tells which calls would
+    stall on a GPU) and for this thread's calls only; slows the host while counting (a Python hook per operator)."""
+    found = HostSyncs()
+
+    def record(name: str, device: str) -> None:
+        found.calls.append((name, device))
+
+    methods = _SyncingMethods(record)
+    with methods, _SyncingOps(record, methods):
+        yield found
