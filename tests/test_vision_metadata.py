@@ -166,3 +166,31 @@ def test_transformers_without_the_metadata_path_gets_the_grid_alone(checkpoints,
             assert list(kwargs) == ["grid_thw"] and kwargs["grid_thw"].tolist() == [[steps, 8, 12]]
     said = [r.getMessage() for r in caplog.records if "precomputed grid metadata" in r.getMessage()]
     assert len(said) == 1 and all("Qwen2_5_VisionTransformerPretrainedModel" in s for s in said)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streamed_chunks_wait_for_nothing_on_the_gpu(checkpoints, name, tmp_path):
+    """The engine's streamed path on a GPU: decoding, preprocessing and the tower of every chunk after the first
+    (the short last one included: its metadata is made on the host) make no call that waits for the GPU."""
+    pytest.importorskip("av")
+    from spava_ds import SpavaConfig
+    from spava_ds.engine import SpavaEngine
+    from spava_ds.video import write_synthetic_video
+
+    video = write_synthetic_video(str(tmp_path / "clip.mp4"), num_frames=15, width=160, height=128, fps=2, seed=3,
+                                  gop=4)
+    engine = SpavaEngine.from_pretrained(checkpoints[name], SpavaConfig(mode="dense"), stream_video=True,
+                                         stream_chunk_steps=2)
+    stream = engine.video_inputs(video, "What is in this video?")["pixel_values_videos"]
+    _, h, w = engine.video_inputs(video, "What is in this video?", stream=False)["video_grid_thw"][0].tolist()
+    family, syncs, chunks = engine.family, [], iter(stream)
+    with torch.no_grad():
+        for _ in range(4):                                   # 7 steps: 2 + 2 + 2 + 1
+            with host_syncs() as counted:
+                first, stop, rows = next(chunks)             # the chunk's decoding and preprocessing
+                pixels = family.model_pixels(rows.to(engine.model.dtype))
+                family.encode_steps(pixels, torch.tensor([[stop - first, h, w]]))
+            syncs.append((stop - first, counted.count("cuda"), counted.by_name()))
+    assert next(chunks, None) is None and rows.is_cuda and [n for n, _, _ in syncs] == [2, 2, 2, 1], syncs
+    assert all(count == 0 for _, count, _ in syncs[1:]), syncs

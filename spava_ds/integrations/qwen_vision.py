@@ -350,7 +350,8 @@ class GridMetadataCache:
         self.computed[grid] += 1
         grid_thw = torch.tensor(grid, dtype=torch.int64)
         meta = _grid_metadata(tower, grid_thw) if _takes_grid_metadata(tower) else {}
-        entries[key] = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+        # A copy from pageable host memory that does not block is staged at once and waits for nothing queued.
+        entries[key] = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
                         for name, value in dict(grid_thw=grid_thw, **meta).items()}
         if len(entries) > self.size:
             entries.popitem(last=False)   # the least recently used
