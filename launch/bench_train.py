@@ -6,7 +6,7 @@ DeepSpeed's contiguous sharding), with the same model, the same synthetic sample
 default) and the same memory options, in one run:
 
 * ``step_s``: seconds per optimizer step (median of ``--steps``, after one step at ``--warmup-tokens`` per mode and
-  ``--warmup`` at the length itself; the device synchronised around each), ``tokens_per_s_per_gpu`` = sample
+  ``--warmup`` (1) at the length itself; the device synchronised around each), ``tokens_per_s_per_gpu`` = sample
   tokens / W / step_s, ``mfu`` = model FLOPs per rank / step_s / peak;
 * ``peak_gib``: peak allocated memory of the rank; ``resident_gib``: what stays allocated between steps (weights,
   optimizer state, gradient partitions, the sample with its pixels, ``pixels_gib``); ``activations_gib``: the
@@ -94,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, nargs=2, default=[26, 46], metavar=("H", "W"),
                    help="patches per frame of the synthetic video (26 x 46: 364 x 644 pixels)")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per measurement")
-    p.add_argument("--warmup", type=int, default=0, help="untimed steps at the measured length before them")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps at the measured length before them (the first step of a mode at a new "
+                        "length can carry one-time costs, e.g. compiling a merge for larger pieces: 3-4 s at 64K)")
     p.add_argument("--warmup-tokens", type=int, default=8192,
                    help="one untimed step at this length per mode and process, before its first measurement "
                         "(ZeRO-3 records its prefetch order in a first step; 0: none)")

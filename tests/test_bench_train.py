@@ -24,8 +24,8 @@ from dist_utils import run_distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = 300
-COMMON = ["--shape", "tiny", "--tokens", str(TOKENS), "--grid", "4", "4", "--steps", "1", "--warmup-tokens", "200",
-          "--mlp-shards", "3"]
+COMMON = ["--shape", "tiny", "--tokens", str(TOKENS), "--grid", "4", "4", "--steps", "1", "--warmup", "0",
+          "--warmup-tokens", "200", "--mlp-shards", "3"]
 
 
 def _script():
@@ -120,8 +120,15 @@ def test_frontier_stops_at_the_first_length_that_does_not_fit(tmp_path, capsys):
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
     panel = plot.load_series([out])[("H200", "7b", "1 of 4 (fake)")]
-    assert panel == {"time": {}, "memory": {"spava": [(1000, 101.0), (2000, 102.0)], "ring": [(1000, 101.0)]},
-                     "oom": {"spava": 4000}}
+    assert panel == {"time": {}, "frontier_time": {}, "oom": {"spava": 4000},
+                     "memory": {"spava": [(1000, 101.0), (2000, 102.0)], "ring": [(1000, 101.0)]}}
+    offloaded = dict(json.loads(open(out).readline()), options={"offload_checkpoints": True}, step_s=2.5)
+    assert plot.series_name(offloaded) == "spava +offload"
+    with open(out, "a") as f:
+        f.write(json.dumps(dict(offloaded, key="another")) + "\n")
+    panel = plot.load_series([out])[("H200", "7b", "1 of 4 (fake)")]
+    assert panel["frontier_time"] == {"spava +offload": [(1000, 2.5)]}
+    assert panel["memory"]["spava"] == [(1000, 101.0), (2000, 102.0)]  # the other options' curve is its own
 
 
 def test_model_flops_equal_a_count_from_the_modules():
