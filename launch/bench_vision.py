@@ -5,6 +5,7 @@ and frame parallelism over the visible GPUs.
     torchrun --standalone --nproc_per_node 2 launch/bench_vision.py # adds frame parallelism over 2 GPUs
     python launch/bench_vision.py --models 7b --frames 256 --profile --out vision.json  # where the time goes
     python launch/bench_vision.py --tiny --profile                  # CPU smoke run of every code path (tiny tower)
+    python launch/bench_vision.py --models 7b --frames 256 --chunk-steps 7 --backends varlen  # streamed chunks
 
 Random bf16 weights (built on the meta device, materialised on the GPU, initialised in one pass), random pixels.
 Every variant is first checked against transformers' stock vision tower (max abs difference of the merged
@@ -15,11 +16,17 @@ model FLOPs (``spava_ds.benchmarks.flops``) / W / time. The table comes last.
 a warm-up), under torch.profiler: device seconds per kernel class (``spava_ds.profiling.kernel_class``; TFLOP/s of
 the gemm and attention classes from their share of the FLOPs) and the 15 kernels of the most device time. On the
 CPU the same tables come from the CPU operators' self time. ``--out FILE``: the rows and profiles as JSON.
+
+``--chunk-steps N``: two more rows per video with the first fused backend, the tower run on chunks of N temporal
+steps one after another as a streamed video runs it (``SpavaEngine(stream_video=True)``): with the grid on the device
+and transformers recomputing its metadata at every chunk (the path before ``qwen_vision.tower_grid_kwargs``), then
+with the cached metadata; each row counts the calls per chunk that wait for the device (``profiling.host_syncs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -35,7 +42,7 @@ from spava_ds import entry
 from spava_ds.benchmarks.flops import vision_tower_flops
 from spava_ds.integrations import qwen_vision as qv
 from spava_ds.models.shapes import PUBLISHED_SHAPES
-from spava_ds.profiling import kernel_times
+from spava_ds.profiling import host_syncs, kernel_times
 
 # Qwen2.5-VL-3B / 7B vision towers (models.shapes): identical ViTs, the merger projects to the language model's
 # hidden size.
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more run of the fastest fused backend at the largest frame count under torch.profiler")
     ap.add_argument("--out", default=None, help="write the rows (and profiles) to this JSON file")
+    ap.add_argument("--chunk-steps", "--chunk_steps", type=int, default=None,
+                    help="also time the tower chunk by chunk (N temporal steps a chunk), metadata per call vs cached")
     entry.add_arguments(ap)
     return entry.run_main(bench, ap.parse_args(argv))
 
@@ -161,6 +170,37 @@ def time_variant(visual, pixels, grid, reference, backend: str, parallel: bool, 
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         seconds = t.item()
     return seconds, diff
+
+
+def time_chunks(visual, pixels, grid, reference, backend: str, cached: bool, args, device) -> tuple:
+    """(median seconds, max abs difference from ``reference``, calls per chunk that wait for ``device``) of the
+    tower on chunks of ``--chunk-steps`` steps with the fused ``backend``: each chunk's grid made on the device and
+    its metadata recomputed by transformers, or ``cached`` (``tower_grid_kwargs``)."""
+    steps, h, w = grid[0].tolist()
+    bounds = [(first, min(first + args.chunk_steps, steps)) for first in range(0, steps, args.chunk_steps)]
+
+    def run(syncs=None):
+        features = []
+        for first, stop in bounds:
+            with host_syncs() if syncs is not None else contextlib.nullcontext() as counted:
+                chunk_grid = [[stop - first, h, w]]
+                kwargs = qv.tower_grid_kwargs(visual, chunk_grid, device) if cached else \
+                    dict(grid_thw=torch.tensor(chunk_grid, device=device))
+                features.append(qv.vision_fields(visual(pixels[first * h * w:stop * h * w], **kwargs))[0])
+            if syncs is not None:
+                syncs.append(counted.count(device.type))
+        return torch.cat(features)
+
+    handle = qv.enable_fused_vision_attention(visual, backend=backend)
+    try:
+        with torch.no_grad():
+            diff = (run().float() - reference.float()).abs().max().item()
+            syncs = []
+            run(syncs)
+            seconds = timed(run, args.warmup, args.iters, device, group_sync=False)
+    finally:
+        handle.remove()
+    return seconds, diff, sum(syncs) / len(syncs)
 
 
 def profile_fused(visual, pixels, grid, backend: str, device) -> dict:
@@ -207,7 +247,15 @@ def bench_video(visual, shape: str, frames: int, backends, args, world: int, dev
                          flops=flops))
         log(f"  {backend:>12} W={gpus}: {seconds * 1e3:9.1f} ms  {rows[-1]['tflops_per_gpu']:7.3g} TFLOP/s  "
             f"max|diff| {diff:.3g} (max|ref| {scale:.3g})")
-    fused = [r for r in rows if r["gpus"] == 1 and r["attention"] != "transformers"]
+    for cached in (False, True) if args.chunk_steps and backends else ():
+        seconds, diff, syncs = time_chunks(visual, pixels, grid, reference, backends[0], cached, args, device)
+        label = f"{backends[0]}, chunks of {args.chunk_steps}, {'cached' if cached else 'per-call'} metadata"
+        rows.append(dict(model=shape, frames=frames, merged_tokens=tokens, attention=label, gpus=1, seconds=seconds,
+                         speedup=rows[0]["seconds"] / seconds, tflops_per_gpu=flops["total"] / seconds / 1e12,
+                         max_abs_diff=diff, ref_max=scale, flops=flops, syncs_per_chunk=syncs))
+        log(f"  {label}: {seconds * 1e3:9.1f} ms  {syncs:.1f} waits for the {device.type} a chunk  "
+            f"max|diff| {diff:.3g}")
+    fused = [r for r in rows if r["gpus"] == 1 and r["attention"] in backends]
     if args.profile and frames == max(args.frames) and fused:
         fastest = min(fused, key=lambda r: r["seconds"])
         fastest["profile"] = profile_fused(visual, pixels, grid, fastest["attention"], device)

@@ -133,11 +133,13 @@ SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique_consec
                "unique_dim", "unique_dim_consecutive", "equal", "is_nonzero")
 # Tensor methods that read the data on the host without a syncing ATen operator of their own on a CPU tensor.
 SYNCING_METHODS = ("tolist",)
+# Factories that copy host data to ``device=`` (without an ATen copy that a dispatch mode would see).
+HOST_DATA_FACTORIES = ("tensor", "as_tensor")
 
 
 class HostSyncs:
     """The synchronising calls seen inside one ``host_syncs()`` block: ``calls`` lists ``(name, device type)`` in
-    order (``("tolist", "cuda")``, ``("_local_scalar_dense", "cpu")``, ...)."""
+    order (``("tolist", "cuda")``, ``("copy_to_device", "cuda")``, ``("_local_scalar_dense", "cpu")``, ...)."""
 
     def __init__(self):
         self.calls: List[Tuple[str, str]] = []
@@ -162,27 +164,35 @@ def _tensor_device(args, kwargs) -> str:
 
 
 class _SyncingMethods(TorchFunctionMode):
-    """Records ``Tensor.tolist`` (and keeps the ATen copy it makes of a GPU tensor from being counted again)."""
+    """Records ``Tensor.tolist`` and ``torch.tensor(data, device=...)`` off the CPU (and keeps the ATen operators
+    they run from being counted again)."""
 
     def __init__(self, record):
         super().__init__()
         self.record, self.inside = record, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name not in SYNCING_METHODS or self.inside:
-            return func(*args, **(kwargs or {}))
-        self.record(name, _tensor_device(args, kwargs))
+        name, kwargs = getattr(func, "__name__", ""), kwargs or {}
+        if self.inside:
+            return func(*args, **kwargs)
+        if name in SYNCING_METHODS:
+            self.record(name, _tensor_device(args, kwargs))
+        elif name in HOST_DATA_FACTORIES and kwargs.get("device") is not None and \
+                torch.device(kwargs["device"]).type != "cpu" and not isinstance(args[0], torch.Tensor):
+            self.record("copy_to_device", torch.device(kwargs["device"]).type)
+        else:
+            return func(*args, **kwargs)
         self.inside = True
         try:
-            return func(*args, **(kwargs or {}))
+            return func(*args, **kwargs)
         finally:
             self.inside = False
 
 
 class _SyncingOps(TorchDispatchMode):
     """Records the ATen operators of ``SYNCING_OPS``, ``repeat_interleave`` without ``output_size`` and blocking
-    copies from a device to the host."""
+    copies between the host and a device (``copy_to_host``, ``copy_to_device``: a blocking copy waits for the
+    device's queue)."""
 
     def __init__(self, record, methods: _SyncingMethods):
         super().__init__()
@@ -192,7 +202,10 @@ class _SyncingOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not self.methods.inside:
             name = func.overloadpacket.__name__
-            if name in SYNCING_OPS or _syncing_repeat(name, func, kwargs) or _copy_to_host(name, args, kwargs, out):
+            copy = _blocking_copy(name, args, kwargs, out)
+            if copy is not None:
+                self.record(*copy)
+            elif name in SYNCING_OPS or _syncing_repeat(name, func, kwargs):
                 self.record(name, _tensor_device(args, kwargs))
         return out
 
@@ -203,12 +216,16 @@ def _syncing_repeat(name: str, func, kwargs) -> bool:
     return name == "repeat_interleave" and func._overloadname == "Tensor" and (kwargs or {}).get("output_size") is None
 
 
-def _copy_to_host(name: str, args, kwargs, out) -> bool:
-    if name not in ("_to_copy", "copy_") or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
-        return False
+def _blocking_copy(name: str, args, kwargs, out) -> Optional[Tuple[str, str]]:
+    """``("copy_to_host" | "copy_to_device", device type)`` for a blocking copy between the host and a device."""
+    if name not in ("_to_copy", "copy_") or not isinstance(out, torch.Tensor):
+        return None
     source = args[1] if name == "copy_" else args[0]
     non_blocking = (kwargs or {}).get("non_blocking", False) or (name == "copy_" and len(args) > 2 and args[2])
-    return isinstance(source, torch.Tensor) and source.device.type != "cpu" and not non_blocking
+    on_host = (source.device.type == "cpu", out.device.type == "cpu") if isinstance(source, torch.Tensor) else None
+    if on_host is None or non_blocking or on_host[0] == on_host[1]:
+        return None
+    return ("copy_to_host", source.device.type) if out.device.type == "cpu" else ("copy_to_device", out.device.type)
 
 
 @contextlib.contextmanager
@@ -216,7 +233,8 @@ def host_syncs():
     """Count the calls inside the block that make the host read the device's data (and so wait for its queue):
     ``.item()`` / ``int()`` / ``bool()`` of a tensor (``_local_scalar_dense``), ``.tolist()``, ``nonzero``,
     ``masked_select``, ``torch.unique*``, ``torch.equal``, ``repeat_interleave`` without ``output_size`` and
-    blocking copies from a device to the host. Yields a ``HostSyncs`` whose ``calls`` name each with its tensor's
+    blocking copies between the host and a device (``copy_to_host``, ``copy_to_device``, ``torch.tensor(data,
+    device=...)`` included). Yields a ``HostSyncs`` whose ``calls`` name each with its tensor's
     device type; ``count("cuda")`` is what stalls a GPU. Works on any device (a CPU run tells which calls would
     stall on a GPU) and for this thread's calls only; slows the host while counting (a Python hook per operator)."""
     found = HostSyncs()

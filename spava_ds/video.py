@@ -778,6 +778,14 @@ def preprocess_video(frames, patch_size: int = 14, temporal_patch_size: int = 2,
     return _patchify(x, patch_size, temporal_patch_size, merge_size, image_mean, image_std)
 
 
+@functools.lru_cache(maxsize=16)
+def _scaled_mean_std(image_mean: tuple, image_std: tuple, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """255 * mean and 255 * std, ``[1, 3, 1, 1]`` float32 on ``device``, made once per device: a blocking copy from
+    the host at every streamed chunk would wait for the GPU's queue (the previous chunk's vision tower)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0) for v in (image_mean, image_std))
+    return mean.to(device), std.to(device)
+
+
 def _patchify(x: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_size: int, image_mean,
               image_std) -> tuple[torch.Tensor, torch.Tensor]:
     """`[T, 3, H, W]` pixel values 0..255 (uint8 or float, any device) -> (patch rows float32, grid_thw)."""
@@ -786,8 +794,7 @@ def _patchify(x: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
         num_frames += pad
     # Rescale and normalise fused as in transformers: (x - 255 * mean) / (255 * std) in float32.
-    mean = torch.tensor(image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _scaled_mean_std(tuple(image_mean), tuple(image_std), x.device)
     x = (x.to(torch.float32) - mean) / std
     gt, gh, gw = num_frames // temporal_patch_size, height // patch_size, width // patch_size
     x = x.reshape(gt, temporal_patch_size, 3, gh // merge_size, merge_size, patch_size,

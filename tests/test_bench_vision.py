@@ -111,3 +111,16 @@ def test_profile_on_a_gpu(tmp_path):
     profile = profiled[0]["profile"]
     assert profile["device"] == "cuda" and profile["classes"]["gemm"] > 0, profile
     assert profile["classes"]["attention"] > 0, profile["top"]
+
+
+def test_chunked_rows_per_call_against_cached_metadata(tmp_path):
+    """``--chunk-steps``: the tower on chunks (7 steps in 3 + 3 + 1) equals the whole video's features either way;
+    with the cached metadata no chunk makes a call that waits for the device, per call each chunk makes several."""
+    out = tmp_path / "vision.json"
+    assert _script().main(FAST + ["--frames", "14", "--chunk-steps", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attention"] for r in rows] == ["transformers", "sdpa", "sdpa, chunks of 3, per-call metadata",
+                                              "sdpa, chunks of 3, cached metadata"]
+    per_call, cached = rows[2:]
+    assert per_call["max_abs_diff"] < 1e-5 and cached["max_abs_diff"] < 1e-5
+    assert cached["syncs_per_chunk"] == 0 and per_call["syncs_per_chunk"] >= 3

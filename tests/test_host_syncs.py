@@ -37,3 +37,15 @@ def test_queued_work_is_not_counted():
         pass
     x.sum().item()
     assert syncs.count() == 0
+
+
+def test_copies_between_host_and_device_are_counted_with_the_device():
+    # The meta device stands in for a GPU on a CPU-only machine: the same copies, no data.
+    x = torch.tensor([1, 2, 3])
+    with host_syncs() as syncs:
+        x.to("meta")
+        torch.tensor([[4, 5, 6]], device="meta")
+        torch.empty(3, device="meta").copy_(x)
+        x.to("meta", non_blocking=True)         # queued, not waited for
+        torch.arange(3, device="meta")          # made on the device: no host data
+    assert syncs.calls == [("copy_to_device", "meta")] * 3

@@ -14,12 +14,22 @@ attention.
   one variable-length call over all windows instead: flash-attn's varlen kernel when it imports, else torch's own
   ``varlen_attn``, else ``flex_attention`` (compiled) with a block-diagonal ``BlockMask``; on CPU the per-window SDPA
   loop stays (exact and the fastest there).
+
+* ``tower_grid_kwargs(visual, grid_thw, device)``: the tower's per-grid metadata (rotary positions, segment and window
+  boundaries, window order, Qwen3-VL's position-embedding interpolation), computed once per grid on the host from
+  transformers' own functions and kept on the device (``GRID_METADATA``). transformers (>= 5.17) takes these as
+  keyword arguments instead of recomputing them from ``grid_thw`` with device->host reads on every call: a streamed
+  video's chunks share one grid, so every chunk after the first queues its kernels without waiting for the GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import sys
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -29,10 +39,13 @@ import torch.nn.functional as F
 
 from ..comm import gather_rows, group_rank_size
 
+_log = logging.getLogger("spava_ds.vision")
+
 __all__ = [
     "frame_parallel_vision", "frame_parallel_forward", "frame_parallel_stream", "video_features", "rank_pixels",
     "rank_stream",
     "vision_fields", "temporal_shares", "temporal_range", "encode_video",
+    "tower_grid_kwargs", "GridMetadataCache", "GRID_METADATA",
     "enable_fused_vision_attention", "disable_fused_vision_attention", "FusedVisionAttention",
     "varlen_attention", "available_backends", "BACKENDS",
 ]
@@ -123,7 +136,9 @@ def _with_fields(out, fields: Sequence[torch.Tensor]):
 def frame_parallel_forward(forward, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group, config, **kwargs):
     """``forward(pixel_values, grid_thw=grid_thw)`` of a Qwen vision tower (Qwen2.5-VL, Qwen3-VL) split over the ranks
     of ``group`` by temporal steps; returns the tower's own output whose per-token fields (``vision_fields``: merged
-    and DeepStack features) hold the whole video on every rank, in one all-gather.
+    and DeepStack features) hold the whole video on every rank, in one all-gather. ``forward`` is the tower or its
+    (bound) forward; the grid's metadata comes from ``tower_grid_kwargs`` (a CPU ``grid_thw`` is read without
+    waiting for the device).
 
     ``pixel_values`` is either every patch row or only this rank's (those of its ``temporal_range``); the row count
     tells which (with W > 1 a rank's share is always smaller than the whole). ``config`` is the tower's config
@@ -142,12 +157,12 @@ def frame_parallel_forward(forward, pixel_values: torch.Tensor, grid_thw: torch.
     if pixel_values.shape[0] not in (total_rows, own_rows):
         raise ValueError(f"pixel_values_videos has {pixel_values.shape[0]} rows but video_grid_thw "
                          f"{grid} describes {total_rows} patches, of which rank {rank} of {world} encodes {own_rows}")
+    tower = forward if isinstance(forward, torch.nn.Module) else getattr(forward, "__self__", None)
     if world == 1:
-        return forward(pixel_values, grid_thw=grid_thw, **kwargs)
+        return forward(pixel_values, **tower_grid_kwargs(tower, grid, pixel_values.device), **kwargs)
 
-    local_grid = torch.tensor(mine.grid_thw, dtype=grid_thw.dtype, device=grid_thw.device)
     own = pixel_values if pixel_values.shape[0] == own_rows else pixel_values[mine.rows[0]:mine.rows[1]]
-    out = forward(own, grid_thw=local_grid, **kwargs)
+    out = forward(own, **tower_grid_kwargs(tower, mine.grid_thw, own.device), **kwargs)
     return _with_fields(out, _gather_fields(vision_fields(out), [s.tokens[1] - s.tokens[0] for s in slices], group))
 
 
@@ -262,7 +277,107 @@ def video_features(visual, inputs: dict, group: Optional[dist.ProcessGroup] = No
     ``rank_pixels`` and the features are all-gathered (``frame_parallel_vision``). The model families
     (``spava_ds.models``) do the same for every field, DeepStack's included."""
     pixels = rank_pixels(inputs, group, device, dtype)
-    return frame_parallel_vision(visual, pixels, inputs["video_grid_thw"].to(pixels.device), group)
+    return frame_parallel_vision(visual, pixels, inputs["video_grid_thw"], group)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-grid metadata of the vision tower
+# --------------------------------------------------------------------------------------------------------------
+
+# The metadata functions each tower's forward calls (transformers >= 5.17, ``transformers/vision_utils.py``); each
+# pops its precomputed result from the forward's keyword arguments when given it. A tower whose module lacks them
+# (transformers 4.x) recomputes its metadata from ``grid_thw`` on every call.
+_GRID_FUNCTIONS = {
+    "Qwen2_5_VisionTransformerPretrainedModel": ("get_vision_attention_seqlens", "get_vision_position_ids",
+                                                 "get_vision_window_index"),
+    "Qwen3VLVisionModel": ("get_vision_attention_seqlens", "get_vision_interpolation_indices_and_weights",
+                           "get_vision_position_ids"),
+}
+_WARNED_TOWERS: set = set()
+
+
+def _takes_grid_metadata(tower) -> bool:
+    name, module = type(tower).__name__, vars(sys.modules[type(tower).__module__])
+    if name in _GRID_FUNCTIONS and all(f in module for f in _GRID_FUNCTIONS[name]):
+        return True
+    if name in _GRID_FUNCTIONS and name not in _WARNED_TOWERS:
+        _WARNED_TOWERS.add(name)
+        _log.info("this transformers' %s takes no precomputed grid metadata (transformers >= 5.17 does): it "
+                  "recomputes it, with device->host reads, on every call", name)
+    return False
+
+
+def _max_length(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def _grid_metadata(tower, grid_thw: torch.Tensor) -> dict:
+    """The keyword arguments with which ``tower``'s forward skips its own per-grid computation, from a CPU
+    ``grid_thw``: transformers' functions with the arguments the forward gives them, plus the maximum lengths
+    (which transformers reads from the device only for flash-attn; our fused attention uses them too)."""
+    from transformers import vision_utils
+
+    merge = tower.spatial_merge_size
+    cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
+    meta = dict(position_ids=vision_utils.get_vision_position_ids(grid_thw, merge), cu_seqlens=cu_seqlens,
+                max_seqlen=_max_length(cu_seqlens))
+    if type(tower).__name__ == "Qwen3VLVisionModel":
+        meta["interp_indices"], meta["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.config.spatial_merge_size)
+    else:
+        window_index, cu_window_seqlens = vision_utils.get_vision_window_index(
+            grid_thw, spatial_merge_size=merge, window_size=tower.window_size, patch_size=tower.patch_size)
+        meta.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+                    max_window_seqlen=_max_length(cu_window_seqlens))
+    return meta
+
+
+class GridMetadataCache:
+    """``tower_grid_kwargs``' cache: per tower (held weakly), the keyword arguments of the last ``size`` (grid,
+    device) pairs. ``computed`` counts the computations per grid (a tuple of ``(t, h, w)`` rows). An entry is about
+    18 bytes a patch for Qwen2.5-VL and 64 for Qwen3-VL (a chunk of 8K patches: 0.1-0.5 MB; one rank's whole
+    128K-token video, unstreamed: 9-33 MB)."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.computed = size, Counter()
+        self._towers: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+    def get(self, tower, grid: Tuple[Tuple[int, int, int], ...], device: torch.device) -> dict:
+        entries = self._towers.setdefault(tower, OrderedDict())
+        key = (grid, device)
+        if key in entries:
+            entries.move_to_end(key)
+            return entries[key]
+        self.computed[grid] += 1
+        grid_thw = torch.tensor(grid, dtype=torch.int64)
+        meta = _grid_metadata(tower, grid_thw) if _takes_grid_metadata(tower) else {}
+        # A copy from pageable host memory that does not block is staged at once and waits for nothing queued.
+        entries[key] = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                        for name, value in dict(grid_thw=grid_thw, **meta).items()}
+        if len(entries) > self.size:
+            entries.popitem(last=False)   # the least recently used
+        return entries[key]
+
+    def clear(self) -> None:
+        self._towers.clear()
+        self.computed.clear()
+
+
+GRID_METADATA = GridMetadataCache()
+
+
+def tower_grid_kwargs(tower, grid_thw, device: torch.device) -> dict:
+    """The keyword arguments of a Qwen vision tower's forward (Qwen2.5-VL, Qwen3-VL) for a grid: ``grid_thw`` and
+    its metadata, on ``device``, computed once per (tower, grid, device) and cached (``GRID_METADATA``), so that the
+    tower reads nothing back from the device. ``grid_thw`` is a ``[videos, 3]`` tensor (on the CPU, or it is read
+    back once) or list. Other towers, and transformers without the metadata path (< 5.17, said once in the log),
+    get ``grid_thw`` alone, also cached on ``device``."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+    grid = tuple((int(t), int(h), int(w)) for t, h, w in rows)
+    if tower is None:
+        return dict(grid_thw=torch.tensor(grid, dtype=torch.int64, device=device))
+    return dict(GRID_METADATA.get(tower, grid, torch.device(device)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,14 +507,16 @@ class _SegmentCache:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                      backend: str = "auto", cache: Optional[_SegmentCache] = None,
-                     block_size: int = 128) -> torch.Tensor:
-    """Non-causal attention within each segment of ``cu_seqlens``: q, k, v ``[S, H, D]`` -> ``[S, H, D]``."""
+                     block_size: int = 128, max_seqlen: Optional[int] = None) -> torch.Tensor:
+    """Non-causal attention within each segment of ``cu_seqlens``: q, k, v ``[S, H, D]`` -> ``[S, H, D]``.
+    ``max_seqlen``, the longest segment, is read from ``cu_seqlens`` (a device->host read) when not given."""
     cache = cache if cache is not None else _SegmentCache()
     seq_len = q.shape[0]
     backend = _resolve(backend, q, scale)
     if backend in ("flash_attn", "varlen"):
         cu = cache.get(cu_seqlens, "int32", lambda: cu_seqlens.to(device=q.device, dtype=torch.int32))
-        max_len = cache.get(cu_seqlens, "max", lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+        max_len = max_seqlen if max_seqlen is not None else \
+            cache.get(cu_seqlens, "max", lambda: _max_length(cu_seqlens))
         if backend == "flash_attn":
             return _flash_attn_varlen()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
         if not math.isclose(scale, q.shape[-1] ** -0.5):
@@ -430,7 +547,8 @@ def _fused_forward(module, state, hidden_states, cu_seqlens, position_embeddings
     q, k, v = module.qkv(hidden_states).reshape(seq_len, 3, module.num_heads, -1).unbind(1)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    out = varlen_attention(q, k, v, cu_seqlens, module.scaling, state.backend, state.cache, state.block_size)
+    out = varlen_attention(q, k, v, cu_seqlens, module.scaling, state.backend, state.cache, state.block_size,
+                           max_seqlen)
     return module.proj(out.reshape(seq_len, -1))
 
 

@@ -198,7 +198,7 @@ class VideoFamily(ModelFamily):
         if isinstance(inputs.get("pixel_values_videos"), VideoStream):
             return self.encode_stream(inputs, group, device, dtype)
         pixels = self.model_pixels(rank_pixels(inputs, group, device, dtype))
-        return self.encode_pixels(pixels, inputs["video_grid_thw"].to(pixels.device), group)
+        return self.encode_pixels(pixels, inputs["video_grid_thw"], group)
 
     def encode_stream(self, inputs: dict, group=None, device=None, dtype=None) -> List[torch.Tensor]:
         """``encode`` of streamed inputs: this rank's ``VideoStream`` (``rank_stream``) through the vision tower a
@@ -209,14 +209,15 @@ class VideoFamily(ModelFamily):
 
         def encode_steps(rows: torch.Tensor, first: int, stop: int) -> List[torch.Tensor]:
             pixels = self.model_pixels(rows.to(device, dtype))
-            return self.encode_steps(pixels, torch.tensor([[stop - first, height, width]], device=pixels.device))
+            return self.encode_steps(pixels, torch.tensor([[stop - first, height, width]]))  # on the CPU
 
         return frame_parallel_stream(encode_steps, rank_stream(inputs, group), steps, groups * per_group // steps,
                                      group)
 
     def encode_steps(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> List[torch.Tensor]:
         """The vision tower on some temporal steps of a video (``model_pixels`` of their rows, ``grid_thw`` of those
-        steps alone), on this device: ``[features, *extra per-token fields]``, as ``encode_pixels`` lists them."""
+        steps alone, on the CPU), on this device: ``[features, *extra per-token fields]``, as ``encode_pixels`` lists
+        them."""
         raise NotImplementedError
 
     def vision_patches_per_step(self, plan) -> int:

@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrations.qwen_vision import enable_fused_vision_attention, frame_parallel_forward, vision_fields
+from ..integrations.qwen_vision import (enable_fused_vision_attention, frame_parallel_forward, tower_grid_kwargs,
+                                       vision_fields)
 from ..video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, plan_video
 from .base import Shard, VideoFamily, patched, visual_slots
 
@@ -89,7 +90,8 @@ class Qwen2_5_VLFamily(VideoFamily):
         return vision_fields(frame_parallel_forward(visual, pixels, grid_thw, group, visual.config))
 
     def encode_steps(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> List[torch.Tensor]:
-        return vision_fields(self.model.model.visual(pixels, grid_thw=grid_thw))
+        visual = self.model.model.visual   # the grid's metadata cached on the device: no device->host read
+        return vision_fields(visual(pixels, **tower_grid_kwargs(visual, grid_thw, pixels.device)))
 
     def vision_modules(self) -> List[torch.nn.Module]:
         return [self.model.model.visual]  # the ViT and its merger
