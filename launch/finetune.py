@@ -132,9 +132,11 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         if value is not None and value < low:
             p.error(f"{name} must be >= {low}, got {value}")
     for name, value in (("--epochs", args.epochs), ("--fps", args.fps), ("--max-minutes", args.max_minutes),
-                        ("--save-every-minutes", args.save_every_minutes or None)):
+                        ("--save-every-minutes", args.save_every_minutes or None), ("--lr", args.lr)):
         if value is not None and not 0 < value < math.inf:
             p.error(f"{name} must be > 0, got {value}")
+    if not 0 <= args.warmup_ratio <= 1:  # a share of the steps
+        p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
 
 
 def check_model_dir(path: str) -> None:
