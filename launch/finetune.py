@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from spava_ds import comm, dataset, entry, runs  # noqa: E402
-from spava_ds.integrations.deepspeed import spava_config_from_deepspeed  # noqa: E402
+from spava_ds.integrations.deepspeed import read_deepspeed_json, spava_config_from_deepspeed  # noqa: E402
 from spava_ds.train_model import (MODEL_SHAPES, MemoryOptions, add_memory_arguments, memory_options,  # noqa: E402
                                   trainable_parameters)
 from spava_ds.training import (VideoQAModel, add_answer, build_video_qa, exact_match, sp_group,  # noqa: E402
@@ -174,8 +174,7 @@ def _ds_config(args, world: int, train_micro_steps: int):
     Every check here runs identically on every rank before any collective, so a bad config fails everywhere.
     ``train_micro_steps`` is the number of training records (0 for synthetic data, which has no epochs).
     """
-    with open(args.deepspeed_config, encoding="utf-8") as f:
-        ds = json.load(f)
+    ds = read_deepspeed_json(args.deepspeed_config)
     if ds.get("sequence_parallel_size") == "auto":  # one sequence over all processes
         ds["sequence_parallel_size"] = world
     block = dict(ds.get("spava") or {})

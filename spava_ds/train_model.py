@@ -68,12 +68,10 @@ def measurement_config(path: str):
     """``(DeepSpeed dict, SpavaConfig)`` of a JSON for measurements (benchmarks, checks): one sample per optimizer
     step, no schedule, the ``"spava"`` block read off (it sets everything but the mode) and the sequence-parallel
     sizes removed (the caller makes every rank one sequence-parallel group)."""
-    import json
-
     from .config import SpavaConfig
+    from .integrations.deepspeed import read_deepspeed_json
 
-    with open(path, encoding="utf-8") as f:
-        ds = json.load(f)
+    ds = read_deepspeed_json(path)
     spava = SpavaConfig.from_dict(ds.pop("spava", None))
     for key in ("sequence_parallel_size", "data_parallel_size", "scheduler", "train_batch_size"):
         ds.pop(key, None)

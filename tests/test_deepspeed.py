@@ -14,8 +14,8 @@ pytest.importorskip("deepspeed")
 
 from spava_ds import SpavaConfig, ZigzagLayout, dense_causal_attention, reference_attention, use_layout  # noqa: E402
 from spava_ds.integrations.deepspeed import (DistributedAttention, bind_sequence_parallel_group,  # noqa: E402
-                                             replicated_token_weights, sequence_parallel_group, sp_shard_batch,
-                                             spava_config_from_deepspeed)
+                                             read_deepspeed_json, replicated_token_weights, sequence_parallel_group,
+                                             sp_shard_batch, spava_config_from_deepspeed)
 
 from dist_utils import run_distributed  # noqa: E402
 
@@ -336,6 +336,24 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="block must be an object"):
         spava_config_from_deepspeed({"spava": [1]})
     assert spava_config_from_deepspeed({}) == (SpavaConfig(), 1)
+
+
+def test_a_missing_or_malformed_json_names_the_file(tmp_path):
+    missing = tmp_path / "no-such.json"
+    with pytest.raises(ValueError, match=r"DeepSpeed config '.*no-such.json': no such file"):
+        spava_config_from_deepspeed(str(missing))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"sequence_parallel_size": 2,}')
+    with pytest.raises(ValueError, match=r"DeepSpeed config '.*broken.json': not valid JSON \(.*line 1"):
+        spava_config_from_deepspeed(str(broken))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list.json': expected a JSON object, got list"):
+        read_deepspeed_json(listed)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"sequence_parallel_size": 2, "spava": {"mode": "ring"}}))
+    assert read_deepspeed_json(good) == {"sequence_parallel_size": 2, "spava": {"mode": "ring"}}
+    assert spava_config_from_deepspeed(good) == (SpavaConfig(mode="ring"), 2)
 
 
 def test_module_single_process():

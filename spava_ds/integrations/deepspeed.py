@@ -29,7 +29,7 @@ from ..config import SpavaConfig
 from ..layout import ZigzagLayout, current_layout, shard_batch
 
 __all__ = ["DistributedAttention", "bind_sequence_parallel_group", "replicated_token_weights",
-           "sequence_parallel_group", "sp_shard_batch", "spava_config_from_deepspeed"]
+           "read_deepspeed_json", "sequence_parallel_group", "sp_shard_batch", "spava_config_from_deepspeed"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +178,21 @@ class DistributedAttention(torch.nn.Module):
 
 
 # ---- the DeepSpeed JSON ---------------------------------------------------------------------------------------------
+def read_deepspeed_json(path: Union[str, os.PathLike]) -> dict:
+    """The DeepSpeed JSON at ``path`` as a dict; a missing file or bad JSON is a ``ValueError`` that names the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds_config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"DeepSpeed config {path!r}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path!r}: not valid JSON ({e})") from None
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"DeepSpeed config {path!r}: expected a JSON object, got {type(ds_config).__name__}")
+    return ds_config
+
+
 def spava_config_from_deepspeed(ds_config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[SpavaConfig, int]:
     """``(SpavaConfig, sequence_parallel_size)`` from the JSON (a path or the dict) given to ``deepspeed.initialize``.
 
@@ -187,8 +202,7 @@ def spava_config_from_deepspeed(ds_config: Union[str, os.PathLike, Mapping[str, 
     source = "DeepSpeed config"
     if isinstance(ds_config, (str, os.PathLike)):
         source = os.fspath(ds_config)
-        with open(source, encoding="utf-8") as f:
-            ds_config = json.load(f)
+        ds_config = read_deepspeed_json(source)
     if not isinstance(ds_config, Mapping):
         raise TypeError(f"spava_config_from_deepspeed: expected a path or a dict, got {type(ds_config).__name__}")
     for key in ("sequence_parallel_size", "data_parallel_size"):
