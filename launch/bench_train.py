@@ -115,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.table is None and args.out is None:
         p.error("--out is required (or --table to print results)")
+    if args.config:  # a bad JSON fails here, not in each child process it would start
+        try:
+            measurement_config(args.config)
+        except ValueError as e:
+            p.error(str(e))
     args.memory = memory_options(args, p)
     return args
 

@@ -136,6 +136,20 @@ def test_frontier_stops_at_the_first_length_that_does_not_fit(tmp_path, capsys):
     assert panel["memory"]["spava"] == [(1000, 101.0), (2000, 102.0)]  # the other options' curve is its own
 
 
+def test_a_bad_config_is_a_command_line_error(config, tmp_path, capsys):
+    """A missing JSON or a bad "spava" block stops the benchmark before it starts any child process."""
+    bench = _script()
+    argv = ["--one-rank", "--world", "2", "--shape", "tiny", "--out", str(tmp_path / "out.jsonl"), "--config"]
+    assert bench.parse_args(argv + [config]).config == config
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"spava": {"mdoe": "ring"}}))
+    for path, message in ((str(tmp_path / "missing.json"), "missing.json': no such file"),
+                          (str(bad), "unknown SpavaConfig key(s) ['mdoe']")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv + [path])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_model_flops_equal_a_count_from_the_modules():
     from spava_ds.train_model import build_model
     from spava_ds.training import synthetic_sample
