@@ -215,7 +215,9 @@ def _fail(code: int, message: str, err: Optional[BaseException], args, cause: bo
     """Report, tell the other ranks (``cause``: this rank's own failure, not a peer's), end the process."""
     if err is not None and getattr(args, "debug", False):
         traceback.print_exception(err)
-    print(f"[rank {_state.rank}] error: {message}", file=sys.stderr, flush=True)
+    # one write with its newline: print() writes the newline apart, and the ranks' lines then interleave in one pipe
+    sys.stderr.write(f"[rank {_state.rank}] error: {message}\n")
+    sys.stderr.flush()
     if not dist.is_initialized():
         return code
     if _state.health is not None and cause:

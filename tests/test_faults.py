@@ -512,6 +512,30 @@ sys.exit(entry.run_main(job, argparse.Namespace(debug=False), graceful_stop=True
 
 
 @pytest.mark.timeout(60)
+def test_an_error_is_one_line_written_at_once(monkeypatch):
+    """Each rank's error line reaches stderr in one write, newline included, so the ranks' lines never interleave."""
+    import argparse
+
+    from spava_ds import entry
+
+    writes = []
+
+    class Stderr:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def job(args):
+        raise ValueError("the question is empty")
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert entry.run_main(job, argparse.Namespace(debug=False)) == 1
+    assert writes == ["[rank 0] error: the question is empty\n"]
+
+
 def test_a_second_stop_signal_stops_at_once():
     res = subprocess.run([sys.executable, "-c", _TWO_SIGNALS], capture_output=True, text=True, timeout=50,
                          env=_env(False))
