@@ -54,6 +54,7 @@ from spava_ds.training import (VideoQAModel, add_answer, build_video_qa, exact_m
                                start_deepspeed, synthetic_sample, train_step)
 
 log = logging.getLogger("spava_ds.finetune")
+DEFAULT_LR = 1e-4  # AdamW's peak learning rate when the JSON has no optimizer block
 
 
 def _option(p, name: str, **kwargs) -> None:
@@ -88,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _option(p, "max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     _option(p, "max-minutes", type=float, default=None,
             help="stop training after this wall time (then checkpoint, evaluate, export as at the end)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate when the JSON has no optimizer block")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate of AdamW when the JSON has no optimizer block (default {DEFAULT_LR:g})")
     _option(p, "warmup-ratio", type=float, default=0.1,
             help="warmup share of the steps (a torch schedule, or the JSON scheduler's \"auto\" warmup)")
     _option(p, "eval-every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
@@ -175,6 +177,9 @@ def _ds_config(args, world: int, train_micro_steps: int):
     ``train_micro_steps`` is the number of training records (0 for synthetic data, which has no epochs).
     """
     ds = read_deepspeed_json(args.deepspeed_config)
+    if args.lr is not None and "optimizer" in ds:  # DeepSpeed would take the block's and drop --lr without a word
+        raise ValueError(f"--lr {args.lr:g}: {args.deepspeed_config} has an \"optimizer\" block, whose params set the "
+                         "learning rate: drop --lr, or the block")
     if ds.get("sequence_parallel_size") == "auto":  # one sequence over all processes
         ds["sequence_parallel_size"] = world
     block = dict(ds.get("spava") or {})
@@ -235,7 +240,7 @@ def build(run, device: torch.device):
 def start_engine(run, qa: VideoQAModel, zero3_handle):
     """The DeepSpeed engine of ``qa``, with the JSON's optimizer and scheduler (else AdamW and ``_torch_schedule``)."""
     ds, args = run.ds, run.args
-    optimizer = None if "optimizer" in ds else torch.optim.AdamW(trainable_parameters(qa), lr=args.lr,
+    optimizer = None if "optimizer" in ds else torch.optim.AdamW(trainable_parameters(qa), lr=args.lr or DEFAULT_LR,
                                                                   weight_decay=0.0)
     warmup = max(1, round(args.warmup_ratio * run.total_steps))
     scheduler = None if "scheduler" in ds else _torch_schedule(run.total_steps, warmup)

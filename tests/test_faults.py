@@ -441,6 +441,18 @@ def test_finetune_refuses_a_missing_model_and_bad_options_at_once(train_data, tm
     assert res.returncode == 2 and "error: --max-steps must be >= 1, got 0" in res.stderr, res.stderr[-3000:]
 
 
+@pytest.mark.timeout(60)
+def test_finetune_refuses_lr_beside_an_optimizer_block(train_data, tmp_path):
+    """--lr with a JSON whose optimizer block sets the rate is an error, not a flag that DeepSpeed drops silently."""
+    res = subprocess.run(_finetune_command(train_data, tmp_path / "run", "--lr", "0.001", nproc=1),
+                         capture_output=True, text=True, timeout=50, env=_env(False))
+    config = os.path.join(ROOT, "configs", "finetune_cpu_sp2.json")
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == (
+        f"[rank 0] error: --lr 0.001: {config} has an \"optimizer\" block, whose params set the learning rate: "
+        "drop --lr, or the block"), res.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_the_run_folder_pieces(tmp_path):
     """``spava_ds.runs`` alone: which folders a run may use, which checkpoints count, how metrics.jsonl is cut."""
     from spava_ds import runs

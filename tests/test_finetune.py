@@ -313,9 +313,9 @@ def test_finetune_gpu_zero2_zero3_bf16_configs(data, tmp_path, monkeypatch):
         assert any(not torch.equal(exported[k].float(), initial[k].float()) for k in initial)
 
 
-@pytest.mark.parametrize("option, value, message", [("--lr", "-1", "--lr must be > 0, got -1.0"),
-                                                    ("--lr", "0", "--lr must be > 0, got 0.0"),
-                                                    ("--warmup-ratio", "1.5", "--warmup-ratio must be in [0, 1], got 1.5")])
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "--lr must be > 0, got -1.0"), ("--lr", "0", "--lr must be > 0, got 0.0"),
+    ("--warmup-ratio", "1.5", "--warmup-ratio must be in [0, 1], got 1.5")])
 def test_finetune_refuses_a_bad_learning_rate_or_warmup(option, value, message, capsys):
     """A bad --lr or --warmup-ratio is argparse's error (exit 2), not a run that trains with it."""
     sys.path.insert(0, os.path.join(ROOT, "launch"))
