@@ -73,7 +73,7 @@ _LOGGED: set = set()
 def _log_once(level: int, message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
-        _log.log(level, "spava_ds: %s", message)
+        _log.log(level, "%s", message)  # the logger's name says spava_ds
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -284,7 +284,9 @@ class AttentionGraphs:
         else:
             reason = self.recorder.unsupported(q, group)
         if reason is not None:
-            _log_once(logging.INFO, f"CUDA graphs of the attention not used: {reason}")
+            # "auto" off CUDA is the expected case, not news: only a debug line
+            quiet = self.setting == "auto" and reason.startswith("not on CUDA")
+            _log_once(logging.DEBUG if quiet else logging.INFO, f"CUDA graphs of the attention not used: {reason}")
         return reason
 
     def _run(self, key: tuple, call: Callable, q, k, v, group) -> torch.Tensor:

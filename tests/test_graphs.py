@@ -379,3 +379,18 @@ def test_nccl_collectives_replay_inside_the_graphs_on_two_gpus():
         for mode, worst, stats, disabled in results:
             assert stats["captures"] == 1 and stats["replays"] == 4, (mode, stats, disabled)
             assert worst == 0.0, (mode, worst)
+
+
+def test_auto_off_cuda_says_so_only_at_debug_level(caplog, monkeypatch):
+    import spava_ds.graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "_LOGGED", set())  # a fresh session's "say it once"
+    caplog.set_level(logging.DEBUG, logger="spava_ds")
+    layout = ZigzagLayout(80, 6, 1, SpavaConfig(anchor_len=4))
+    q, k, v = _qkv(layout)
+    AttentionGraphs("auto").sp_attention(q, k, v, layout)
+    said = [r for r in caplog.records if "not on CUDA (cpu)" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    assert not said[0].getMessage().startswith("spava_ds:")  # the logger's name carries it
+    AttentionGraphs(True).sp_attention(q, k, v, layout)     # asked for explicitly: nothing new, said once already
+    assert len([r for r in caplog.records if "not on CUDA (cpu)" in r.getMessage()]) == 1
