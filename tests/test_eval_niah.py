@@ -41,6 +41,7 @@ def test_niah_two_processes(tmp_path):
         assert by[(case, "spava")]["kl_first_token"] > 1e-9  # an 8-token budget really approximates
     table = summarize_niah([str(out)], str(tmp_path / "t.md"), None)
     assert "| ring | 2 | 300 | 2 | 100.0 | 100.0 |" in table
+    assert table in res.stdout  # the run ends with its accuracy table
     # The prompt now comes from SmolLM2's chat template: the same ids as the strings of the published results.
     from spava_ds import SpavaConfig, comm
     from spava_ds.engine import SpavaEngine

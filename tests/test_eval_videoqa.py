@@ -64,6 +64,7 @@ def test_eval_videoqa_two_processes_and_simulated(tmp_path):
     res = subprocess.run([sys.executable, SCRIPT, *common, "--methods", "dense", "ring", "spava", "star",
                           "--simulate", "4", "--out", str(w4)], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert summarize_videoqa([str(w4)]) in res.stdout  # the run ends with its accuracy table
 
     records = [json.loads(line) for line in w2.read_text().splitlines()]
     assert len(records) == 2 * 3 and {r["world_size"] for r in records} == {2}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -79,17 +79,22 @@ def start_run(args) -> Tuple[int, int]:
     rank, world = entry.init_distributed(args)
     if args.simulate and world > 1:
         raise ValueError("--simulate runs in one process (python, not torchrun)")
+    if rank == 0 and not args.out:
+        print("no --out: the answers are not kept and no accuracy table is printed (--out FILE.jsonl keeps them)")
     return rank, world
 
 
-def finish_run(rank: int, world: int, progress, out, message: str) -> None:
-    """End an evaluation: rank 0 closes its progress bar and results file and prints ``message``; every rank
-    leaves the process group together."""
+def finish_run(rank: int, world: int, progress, out, message: str,
+               summary: Optional[Callable[[], str]] = None) -> None:
+    """End an evaluation: rank 0 closes its progress bar and results file, prints ``message`` and then
+    ``summary()`` (the accuracy table of the results file); every rank leaves the process group together."""
     if rank == 0:
         progress.close()
         if out:
             out.close()
         print(message)
+        if summary is not None:
+            print(summary())
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -19,6 +19,7 @@ from .. import SpavaConfig, comm, entry
 from ..benchmarks.records import complete_cases, write_record
 from ..engine import GenerationConfig, SpavaEngine
 from .methods import against_dense, finish_run, method_engines, run_methods, start_run
+from .report import summarize_niah
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SUBJECTS = ["The old lighthouse", "A quiet river", "The northern market", "Our small garden", "The mountain road",
@@ -173,7 +174,8 @@ def evaluate(args) -> None:
                     write_record(out, record)
             progress.update(1)
     finish_run(rank, world, progress, out, f"{len(todo)} cases x {len(engines)} engines at "
-               f"W={label} in {time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+               f"W={label} in {time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""),
+               summary=(lambda: summarize_niah([args.out], None, None)) if args.out else None)
 
 
 def records_per_case(args, worlds: List[int]) -> int:

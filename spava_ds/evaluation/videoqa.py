@@ -16,6 +16,7 @@ from ..engine import GenerationConfig, SpavaEngine
 from ..tasks import load_records
 from ..training import exact_match
 from .methods import against_dense, finish_run, method_engines, run_methods, start_run
+from .report import summarize_videoqa
 
 
 def load_cases(paths: List[str], limit: Optional[int]) -> List[dict]:
@@ -66,5 +67,6 @@ def evaluate(args) -> None:
                 write_record(out, record)
             progress.update(1)
     finish_run(rank, world, progress, out, f"{len(cases)} cases x {len(engines)} methods at W={w} in "
-               f"{time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+               f"{time.time() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""),
+               summary=(lambda: summarize_videoqa([args.out])) if args.out else None)
 
